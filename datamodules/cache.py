@@ -180,7 +180,9 @@ def verify_checksum(path: str | os.PathLike, hint: str) -> str:
     if not path.is_file():
         raise CacheError(f"Cache file {path} is missing. {hint}")
     if not sidecar.is_file():
-        raise CacheError(f"Checksum file {sidecar} for {path} is missing, so {path} cannot be trusted. {hint}")
+        raise CacheError(
+            f"Checksum file {sidecar} for {path} is missing, so {path} cannot be trusted. {hint}"
+        )
     fields = sidecar.read_text(encoding="utf-8", errors="replace").split()
     expected = fields[0].lower() if fields else ""
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
