@@ -121,6 +121,7 @@ def atomic_directory(final_dir: str | os.PathLike) -> Iterator[Path]:
     tmp_dir = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX + final_dir.name + ".", dir=final_dir.parent))
     try:
         yield tmp_dir
+        os.chmod(tmp_dir, 0o777 & ~_current_umask())  # mkdtemp creates 0700
         try:
             os.rename(tmp_dir, final_dir)
         except OSError:
