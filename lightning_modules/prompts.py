@@ -1,0 +1,133 @@
+"""Deep task prompts, read-only predictor prompts and the attention mask that keeps them read-only.
+
+Token layout used by both encoders (see ``encoders/image.py`` and ``encoders/text.py``)::
+
+    [ original tokens (CLS, patches / words, padding) | task prompts (P) | read-only tokens (R) ]
+
+(the text encoder puts the task prompts right after [CLS] instead; the mask below takes the
+positions as boolean index vectors, so the layout is the encoder's choice).
+
+* Task prompts (VPT-deep): ``length`` learnable tokens are written into the sequence at each of the
+  first ``depth`` layers, replacing what the previous layer produced at those positions. After
+  layer ``depth - 1`` the prompt outputs flow on through the remaining layers. Original tokens
+  attend to the task prompts: that is how the prompts adapt the frozen encoder.
+* Read-only tokens (the predictor's input): learnable tokens that attend to every token, while no
+  other token attends to them. The original tokens' outputs are therefore exactly what they would
+  be without them, and one encoder pass yields both the modality embedding and the features the
+  predictor maps to the other modality.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class DeepPrompts(nn.Module):
+    """``length`` learnable tokens for each of the first ``depth`` layers of an encoder.
+
+    Args:
+        depth: number of layers that receive fresh tokens (1 = input layer only, "shallow").
+        length: tokens per layer.
+        dim: token width (the encoder's hidden size).
+        init_std: standard deviation of the truncated-normal initialisation.
+    """
+
+    def __init__(self, depth: int, length: int, dim: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        if depth < 1 or length < 1:
+            raise ValueError(f"DeepPrompts needs depth >= 1 and length >= 1, got depth={depth}, length={length}")
+        self.depth = depth
+        self.length = length
+        self.tokens = nn.Parameter(torch.empty(depth, length, dim))
+        nn.init.trunc_normal_(self.tokens, std=init_std, a=-2 * init_std, b=2 * init_std)
+
+    def has_layer(self, layer_index: int) -> bool:
+        """Whether layer ``layer_index`` (0-based) receives fresh tokens."""
+        return layer_index < self.depth
+
+    def layer_tokens(self, layer_index: int, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """The tokens for one layer, expanded to ``[batch_size, length, dim]``."""
+        return self.tokens[layer_index].to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def readonly_attention_mask(
+    readonly: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean self-attention mask (True = may attend) that makes the ``readonly`` positions read-only.
+
+    Args:
+        readonly: bool ``[T]``, True at the read-only (predictor) token positions.
+        key_valid: optional bool ``[B, T]``, False at key positions nobody may attend to (text padding).
+
+    Returns:
+        bool ``[B or 1, 1, T, T]`` (query, key): read-only queries attend to every valid key; every
+        other query attends to every valid key except the read-only ones.
+    """
+    if readonly.dim() != 1:
+        raise ValueError(f"readonly must be a 1-D bool vector over positions, got shape {tuple(readonly.shape)}")
+    # [T_query, T_key]: a non-read-only query may not see a read-only key.
+    allowed = ~(~readonly[:, None] & readonly[None, :])
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :].bool()
+    return allowed
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Convert a boolean mask (True = attend) to the additive form (0 / dtype-min) that eager attention adds."""
+    zeros = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zeros, torch.finfo(dtype).min)
+
+
+class EncoderOutput(NamedTuple):
+    """What one encoder pass yields.
+
+    Attributes:
+        embedding: ``[B, D]`` the modality embedding z (pooled original tokens).
+        readonly: ``[B, D]`` mean of the read-only tokens' last-layer outputs (the predictor's input),
+            or None when the encoder has no read-only tokens.
+    """
+
+    embedding: torch.Tensor
+    readonly: torch.Tensor | None
+
+
+def build_prompt_modules(
+    peft_mode: str,
+    prompt_length: int,
+    prompt_depth: int,
+    predictor_length: int,
+    predictor_depth: int,
+    dim: int,
+    num_layers: int,
+    what: str,
+) -> tuple[DeepPrompts | None, DeepPrompts | None]:
+    """Create the task prompts (only in ``prompt`` mode) and the read-only tokens of one encoder.
+
+    Validates the lengths and depths against the encoder's ``num_layers``; ``what`` names the
+    encoder in error messages.
+    """
+    task_prompts = None
+    if peft_mode == "prompt":
+        if prompt_length < 1:
+            raise ValueError(f"{what}: peft mode 'prompt' needs prompt_length >= 1, got {prompt_length}")
+        if not 1 <= prompt_depth <= num_layers:
+            raise ValueError(
+                f"{what}: prompt_depth must be in [1, {num_layers}] (the encoder's number of layers), got {prompt_depth}"
+            )
+        task_prompts = DeepPrompts(prompt_depth, prompt_length, dim)
+    readonly_tokens = None
+    if predictor_length < 0:
+        raise ValueError(f"{what}: predictor_length must be >= 0, got {predictor_length}")
+    if predictor_length > 0:
+        if not 1 <= predictor_depth <= num_layers:
+            raise ValueError(
+                f"{what}: predictor_depth must be in [1, {num_layers}] (the encoder's number of layers), "
+                f"got {predictor_depth}"
+            )
+        readonly_tokens = DeepPrompts(predictor_depth, predictor_length, dim)
+    return task_prompts, readonly_tokens
