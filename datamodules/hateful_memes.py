@@ -1,0 +1,133 @@
+"""Hateful Memes (Kiela et al. 2020): meme image + its caption, binary (hateful or not), AUROC.
+
+Raw layout (``root`` is the unpacked ``data`` folder)::
+
+    img/<id>.png
+    train.jsonl  dev.jsonl  test_seen.jsonl  test_unseen.jsonl     (also dev_seen/dev_unseen.jsonl)
+
+Each JSON line has ``id``, ``img`` (path relative to root, e.g. ``img/42953.png``), ``label``
+(0 or 1) and ``text``. Test files of some releases carry no labels: such a test split can be used
+with ``predict`` (label -1 in the batch) but ``test`` stops with a clear error instead of inventing
+labels. A file where only some lines lack a label is an error.
+
+``format: arrow`` reads MAP's ``hatememes_{train,dev,test}.arrow`` from ``root`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datamodules.arrow import ArrowImageReader, find_arrow_file, open_arrow_table, require_columns, texts_of
+from datamodules.base import FileImageReader, ImageReader, MissingModalityDataModule, SampleRecord
+
+HATEFUL_MEMES_LABELS = ["not_hateful", "hateful"]
+
+
+class HatefulMemesDataModule(MissingModalityDataModule):
+    """Hateful Memes: binary (``num_classes=2``, logits [B, 2], cross-entropy), metric AUROC.
+
+    Args:
+        root: The unpacked Hateful Memes folder (holding ``img/`` and the ``.jsonl`` files); with
+            ``format: arrow``, the folder of MAP's ``hatememes_*.arrow`` tables.
+        format: ``raw`` (img/ + jsonl) or ``arrow`` (MAP's tables).
+        val_split: Name of the validation file without ``.jsonl`` (``dev``, ``dev_seen``, ``dev_unseen``).
+        test_split: ``test_seen`` (what peers report) or ``test_unseen``.
+        max_text_len: Maximum tokens per caption (MAP: 128).
+        **kwargs: Everything else of :class:`MissingModalityDataModule`.
+    """
+
+    dataset_name = "hateful_memes"
+    task = "binary"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        format: str = "raw",
+        val_split: str = "dev",
+        test_split: str = "test_seen",
+        max_text_len: int = 128,
+        **kwargs,
+    ) -> None:
+        if root is None:
+            raise ValueError("HatefulMemesDataModule needs root: the folder holding img/ and the .jsonl files (or the arrow tables)")
+        if format not in ("raw", "arrow"):
+            raise ValueError(f"format must be 'raw' or 'arrow', got {format!r}")
+        if test_split not in ("test_seen", "test_unseen"):
+            raise ValueError(f"test_split must be 'test_seen' or 'test_unseen', got {test_split!r}")
+        if val_split not in ("dev", "dev_seen", "dev_unseen"):
+            raise ValueError(f"val_split must be 'dev', 'dev_seen' or 'dev_unseen', got {val_split!r}")
+        super().__init__(root=root, max_text_len=max_text_len, **kwargs)
+        self.format = format
+        self.val_split = val_split
+        self.test_split = test_split
+        self.num_classes = 2
+        self.label_names = list(HATEFUL_MEMES_LABELS)
+
+    def _split_file_name(self, split: str) -> str:
+        return {"train": "train", "val": self.val_split, "test": self.test_split}[split]
+
+    def _labels_required(self, split: str) -> bool:
+        return split != "test"
+
+    def _read_split(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
+        if self.format == "arrow":
+            return self._read_arrow(split)
+        root = Path(self.root)
+        path = root / f"{self._split_file_name(split)}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"Hateful Memes: {path} not found; root must hold the .jsonl files and img/")
+        records = []
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {line_no}"
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"Hateful Memes {where}: not valid JSON: {exc}") from exc
+                if not isinstance(entry, dict) or "id" not in entry:
+                    raise ValueError(f"Hateful Memes {where}: expected an object with an 'id' field, got {line.strip()[:80]!r}")
+                text = entry.get("text")
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"Hateful Memes {where}: field 'text' is {text!r}; expected a string")
+                records.append(
+                    SampleRecord(
+                        id=str(entry["id"]),
+                        key=str(entry["id"]),
+                        image=entry.get("img") or None,
+                        text=text,
+                        label=entry.get("label"),
+                        text_source=f"{where} field 'text'",
+                    )
+                )
+        return records, FileImageReader(root)
+
+    def _read_arrow(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
+        candidates = {"train": ["train"], "val": [self.val_split, "dev", "val"], "test": [self.test_split, "test"]}[split]
+        path = find_arrow_file(self.root, "hatememes", candidates)
+        table = open_arrow_table(path)
+        require_columns(table, path, ["image", "text"])
+        labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * table.num_rows
+        ids = None
+        for column in ("id", "image_id"):
+            if column in table.column_names:
+                ids = table.column(column).to_pylist()
+                break
+        records = []
+        for row, (texts, label) in enumerate(zip(table.column("text").to_pylist(), labels)):
+            key = str(ids[row]) if ids is not None else f"row{row}"
+            texts = texts_of(texts)
+            for k, text in enumerate(texts):
+                records.append(
+                    SampleRecord(
+                        id=key if len(texts) == 1 else f"{key}#{k}",
+                        key=key,
+                        image=row,
+                        text=text,
+                        label=label,
+                        text_source=f"arrow file {path} row {row} column 'text'",
+                    )
+                )
+        return records, ArrowImageReader(path, "image")
