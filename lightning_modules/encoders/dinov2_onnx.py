@@ -358,9 +358,9 @@ def create_dinov2_backbone(
         cache_dir: cache folder (default ``$UNIPAIR_CACHE`` or ``~/.cache/unipair``).
     """
     size = img_size or DINOV2_NATIVE_IMG_SIZE
+    state_dict = load_converted_state_dict(cache_dir) if pretrained else None  # fail fast if not prepared
     model = _timm_dinov2(size)
-    if pretrained:
-        state_dict = load_converted_state_dict(cache_dir)
+    if state_dict is not None:
         state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], model.patch_embed.grid_size)
         model.load_state_dict(state_dict, strict=True)
     return model
