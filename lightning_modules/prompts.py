@@ -11,8 +11,8 @@ positions as boolean index vectors, so the layout is the encoder's choice).
   first ``depth`` layers, replacing what the previous layer produced at those positions. After
   layer ``depth - 1`` the prompt outputs flow on through the remaining layers. Original tokens
   attend to the task prompts: that is how the prompts adapt the frozen encoder.
-* Read-only tokens (the predictor's input): learnable tokens that attend to every token, while no
-  other token attends to them. The original tokens' outputs are therefore exactly what they would
+* Read-only tokens (the predictor's input): learnable tokens, inserted at the input, that attend to
+  every token in every layer, while no other token attends to them. The original tokens' outputs are therefore exactly what they would
   be without them, and one encoder pass yields both the modality embedding and the features the
   predictor maps to the other modality.
 """
@@ -101,15 +101,15 @@ def build_prompt_modules(
     prompt_length: int,
     prompt_depth: int,
     predictor_length: int,
-    predictor_depth: int,
     dim: int,
     num_layers: int,
     what: str,
 ) -> tuple[DeepPrompts | None, DeepPrompts | None]:
     """Create the task prompts (only in ``prompt`` mode) and the read-only tokens of one encoder.
 
-    Validates the lengths and depths against the encoder's ``num_layers``; ``what`` names the
-    encoder in error messages.
+    Validates lengths and the prompt depth against the encoder's ``num_layers``; ``what`` names the
+    encoder in error messages. Read-only tokens enter once, at the input (depth 1): nothing attends
+    to them, so fresh tokens at a later layer would only discard the earlier ones.
     """
     task_prompts = None
     if peft_mode == "prompt":
@@ -124,10 +124,5 @@ def build_prompt_modules(
     if predictor_length < 0:
         raise ValueError(f"{what}: predictor_length must be >= 0, got {predictor_length}")
     if predictor_length > 0:
-        if not 1 <= predictor_depth <= num_layers:
-            raise ValueError(
-                f"{what}: predictor_depth must be in [1, {num_layers}] (the encoder's number of layers), "
-                f"got {predictor_depth}"
-            )
-        readonly_tokens = DeepPrompts(predictor_depth, predictor_length, dim)
+        readonly_tokens = DeepPrompts(1, predictor_length, dim)
     return task_prompts, readonly_tokens

@@ -82,8 +82,6 @@ class UnipairSystem(LightningModule):
             each encoder's number of layers).
         predictor_length: read-only predictor tokens per encoder (0 = no predictor: only for the
             ``zero``/``learned``/``dummy_input`` strategies without substitution).
-        predictor_depth: number of first layers receiving fresh read-only tokens (1 = input only;
-            clipped to each encoder's number of layers).
         image_pooling: ``cls`` or ``mean`` (None = the backbone's convention: CLS after the final norm
             for DINOv2 and standard ViTs).
         text_pooling: ``cls`` or ``mean`` over real tokens (None = ``sources.default_text_pooling``:
@@ -126,14 +124,13 @@ class UnipairSystem(LightningModule):
         prompt_length: int = 16,
         prompt_depth: int = 6,
         predictor_length: int = 8,
-        predictor_depth: int = 1,
         image_pooling: str | None = None,
         text_pooling: str | None = None,
         lora_rank: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
-        predictor_hidden_dim: int = 0,
-        head_hidden_dim: int = 512,
+        predictor_hidden_dim: int = 256,
+        head_hidden_dim: int = 256,
         head_dropout: float = 0.0,
         missing_strategy: str = "predict",
         pred_loss_weight: float = 1.0,
@@ -183,13 +180,13 @@ class UnipairSystem(LightningModule):
         self.image_encoder = ImageEncoder(
             image_model, peft_mode=image_peft, prompt_length=prompt_length,
             prompt_depth=min(prompt_depth, image_layers), predictor_length=predictor_length,
-            predictor_depth=min(predictor_depth, image_layers), pooling=image_pooling,
+            pooling=image_pooling,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         )
         self.text_encoder = TextEncoder(
             text_model, peft_mode=text_peft, prompt_length=prompt_length,
             prompt_depth=min(prompt_depth, text_layers), predictor_length=predictor_length,
-            predictor_depth=min(predictor_depth, text_layers), pooling=text_pooling,
+            pooling=text_pooling,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         )
         image_dim, text_dim = self.image_encoder.embed_dim, self.text_encoder.embed_dim

@@ -32,7 +32,6 @@ class ImageEncoder(nn.Module):
         prompt_length: task prompt tokens per layer (``prompt`` mode only).
         prompt_depth: number of first layers that receive fresh task prompts (``prompt`` mode only).
         predictor_length: read-only tokens (0 = none).
-        predictor_depth: number of first layers that receive fresh read-only tokens.
         pooling: ``cls`` (the CLS token after the final norm) or ``mean`` (mean of the patch tokens);
             None = the backbone's own ``global_pool`` (``token`` -> cls, ``avg`` -> mean).
         lora_rank, lora_alpha, lora_dropout: LoRA settings (``lora`` mode only), on ``qkv``.
@@ -45,7 +44,6 @@ class ImageEncoder(nn.Module):
         prompt_length: int = 16,
         prompt_depth: int = 6,
         predictor_length: int = 8,
-        predictor_depth: int = 1,
         pooling: str | None = None,
         lora_rank: int = 8,
         lora_alpha: int = 16,
@@ -81,7 +79,7 @@ class ImageEncoder(nn.Module):
         self.embed_dim = int(backbone.embed_dim)
         self.num_layers = len(backbone.blocks)
         self.task_prompts, self.readonly_tokens = build_prompt_modules(
-            peft_mode, prompt_length, prompt_depth, predictor_length, predictor_depth,
+            peft_mode, prompt_length, prompt_depth, predictor_length,
             self.embed_dim, self.num_layers, "image encoder",
         )
 
@@ -118,9 +116,10 @@ class ImageEncoder(nn.Module):
                     self.task_prompts.layer_tokens(index, batch_size, x.dtype) if fresh else x[:, num_original:prompt_end]
                 )
             if num_readonly:
-                fresh = self.readonly_tokens.has_layer(index)
+                # Read-only tokens enter once, at the input: nothing reads them, so tokens written at a
+                # later layer would discard (and leave without gradient) the earlier ones.
                 pieces.append(
-                    self.readonly_tokens.layer_tokens(index, batch_size, x.dtype) if fresh else x[:, prompt_end:]
+                    self.readonly_tokens.layer_tokens(0, batch_size, x.dtype) if index == 0 else x[:, prompt_end:]
                 )
             x = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
             x = block(x, attn_mask=attn_mask) if attn_mask is not None else block(x)

@@ -39,7 +39,6 @@ class TextEncoder(nn.Module):
         prompt_length: task prompt tokens per layer (``prompt`` mode only).
         prompt_depth: number of first layers that receive fresh task prompts (``prompt`` mode only).
         predictor_length: read-only tokens (0 = none).
-        predictor_depth: number of first layers that receive fresh read-only tokens.
         pooling: ``cls`` (the [CLS] output) or ``mean`` (mean over the real text tokens: [CLS], words
             and [SEP], without padding, prompts or read-only tokens). None is not accepted here: the
             system resolves the default with ``sources.default_text_pooling``.
@@ -53,7 +52,6 @@ class TextEncoder(nn.Module):
         prompt_length: int = 16,
         prompt_depth: int = 6,
         predictor_length: int = 8,
-        predictor_depth: int = 1,
         pooling: str = "cls",
         lora_rank: int = 8,
         lora_alpha: int = 16,
@@ -84,7 +82,7 @@ class TextEncoder(nn.Module):
         self.embed_dim = int(backbone.config.hidden_size)
         self.num_layers = len(backbone.encoder.layer)
         self.task_prompts, self.readonly_tokens = build_prompt_modules(
-            peft_mode, prompt_length, prompt_depth, predictor_length, predictor_depth,
+            peft_mode, prompt_length, prompt_depth, predictor_length,
             self.embed_dim, self.num_layers, "text encoder",
         )
 
@@ -136,10 +134,7 @@ class TextEncoder(nn.Module):
                     )
                 pieces.append(x[:, words_start:words_end])
                 if num_readonly:
-                    fresh = self.readonly_tokens.has_layer(index)
-                    pieces.append(
-                        self.readonly_tokens.layer_tokens(index, batch_size, x.dtype) if fresh else x[:, words_end:]
-                    )
+                    pieces.append(x[:, words_end:])
             x = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
             x = layer(x, attention_mask=mask)
             if isinstance(x, tuple):  # older transformers return (hidden_states, ...)
