@@ -1,0 +1,25 @@
+"""LightningDataModules: datasets, missing-modality simulation, collation.
+
+Public classes: :class:`MissingModalityDataModule` (the base), :class:`MMIMDbDataModule`,
+:class:`Food101DataModule`, :class:`HatefulMemesDataModule`, :class:`EmojiDataModule`; the pure
+protocol functions live in :mod:`datamodules.missing`.
+"""
+
+from datamodules.base import BadSampleError, MissingModalityDataModule
+from datamodules.emoji import EmojiDataModule
+from datamodules.food101 import Food101DataModule
+from datamodules.hateful_memes import HatefulMemesDataModule
+from datamodules.missing import MissingSetting, MissingTableError, sample_missing_table
+from datamodules.mmimdb import MMIMDbDataModule
+
+__all__ = [
+    "BadSampleError",
+    "EmojiDataModule",
+    "Food101DataModule",
+    "HatefulMemesDataModule",
+    "MMIMDbDataModule",
+    "MissingModalityDataModule",
+    "MissingSetting",
+    "MissingTableError",
+    "sample_missing_table",
+]
