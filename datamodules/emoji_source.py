@@ -539,11 +539,11 @@ def _load(cache_dir, split_seed) -> tuple[list[EmojiItem], JoinReport]:
     verify_extracted(data_dir, hint, full=False)
     records, report = _join_cached(data_dir, hint)
     split_path = split_csv_path(cache_dir, split_seed)
-    if split_path.is_file():
-        assignment = read_split_csv(split_path, records)
-    else:  # deterministic, so computing it here equals what prepare would have saved
-        assignment = stratified_split(records, split_seed)
-        write_split_csv(split_path, records, assignment)
+    if not split_path.is_file():  # deterministic, so writing it here equals what prepare would save
+        with cache_lock(split_path.parent):
+            if not split_path.is_file():
+                write_split_csv(split_path, records, stratified_split(records, split_seed))
+    assignment = read_split_csv(split_path, records)
     png_dir = data_dir / PNG_DIR
     items = [
         EmojiItem(
