@@ -213,7 +213,11 @@ class MissingModalityDataset(Dataset):
             if not int(self.flags[index]) & FLAG_IMAGE_UNREADABLE:
                 log.warning(
                     "%s sample %r: image (%s) unreadable (%s: %s); treated as missing (on_bad_sample=missing)",
-                    self.split, self.ids[index], where, type(exc).__name__, exc,
+                    self.split,
+                    self.ids[index],
+                    where,
+                    type(exc).__name__,
+                    exc,
                 )
             self.flags[index] |= FLAG_IMAGE_UNREADABLE
             return None
@@ -326,17 +330,29 @@ class MissingModalityDataModule(L.LightningDataModule):
             "test": MissingSetting.from_config(test_missing, "test_missing"),
         }
         self.missing["val"] = (
-            MissingSetting.from_config(val_missing, "val_missing") if val_missing is not None else self.missing["test"]
+            MissingSetting.from_config(val_missing, "val_missing")
+            if val_missing is not None
+            else self.missing["test"]
         )
         for split in ("val", "test"):
             if self.missing[split].dynamic:
-                raise ValueError(f"{split}_missing.dynamic: dynamic modality dropout is for the train split only")
+                raise ValueError(
+                    f"{split}_missing.dynamic: dynamic modality dropout is for the train split only"
+                )
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
-            raise ValueError(f"on_bad_sample must be one of {list(BAD_SAMPLE_POLICIES)}, got {on_bad_sample!r}")
-        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("max_text_len", max_text_len, 2)):
+            raise ValueError(
+                f"on_bad_sample must be one of {list(BAD_SAMPLE_POLICIES)}, got {on_bad_sample!r}"
+            )
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("max_text_len", max_text_len, 2),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+        ):
             raise ValueError(f"image_size must be a positive integer or null, got {image_size!r}")
         self.root = None if root is None else str(root)
         self.missing_seed = int(missing_seed)
@@ -397,7 +413,10 @@ class MissingModalityDataModule(L.LightningDataModule):
 
     def _table_path(self, split: str, setting: MissingSetting) -> Path:
         """Existing table in any candidate folder, else the first writable candidate."""
-        name = table_file_stem(self.dataset_name, self._split_file_name(split), setting, self.missing_seed) + ".csv"
+        name = (
+            table_file_stem(self.dataset_name, self._split_file_name(split), setting, self.missing_seed)
+            + ".csv"
+        )
         candidates = self._table_dirs()
         for folder in candidates:
             if (folder / name).exists():
@@ -408,7 +427,9 @@ class MissingModalityDataModule(L.LightningDataModule):
                 probe = probe.parent
             if os.access(probe, os.W_OK):
                 return folder / name
-        raise PermissionError(f"no writable folder for missing tables among {[str(c) for c in candidates]}; set missing_table_dir")
+        raise PermissionError(
+            f"no writable folder for missing tables among {[str(c) for c in candidates]}; set missing_table_dir"
+        )
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -432,9 +453,13 @@ class MissingModalityDataModule(L.LightningDataModule):
             "cannot be computed. Use `predict` for predictions on it, or point the test split at a labelled file."
         )
 
-    def _build_dataset(self, split: str, records: list[SampleRecord], image_reader: ImageReader) -> MissingModalityDataset:
+    def _build_dataset(
+        self, split: str, records: list[SampleRecord], image_reader: ImageReader
+    ) -> MissingModalityDataset:
         if not records:
-            raise ValueError(f"{type(self).__name__}: the {self._split_file_name(split)} split of {self.root} is empty")
+            raise ValueError(
+                f"{type(self).__name__}: the {self._split_file_name(split)} split of {self.root} is empty"
+            )
         self._check_ids_and_labels(split, records)
         n = len(records)
         flags = torch.zeros(n, dtype=torch.uint8)
@@ -445,16 +470,24 @@ class MissingModalityDataModule(L.LightningDataModule):
             if rec.image is None or not image_reader.exists(rec.image):
                 image_ok[i] = False
                 flags[i] |= FLAG_IMAGE_ABSENT
-                where = "no image named in the source" if rec.image is None else f"{image_reader.describe(rec.image)} does not exist"
+                where = (
+                    "no image named in the source"
+                    if rec.image is None
+                    else f"{image_reader.describe(rec.image)} does not exist"
+                )
                 problems.append(f"{split} sample {rec.id!r}: field 'image': {where}; expected an image file")
             if rec.text is None:
                 text_ok[i] = False
                 flags[i] |= FLAG_TEXT_ABSENT
-                problems.append(f"{split} sample {rec.id!r}: field 'text' absent ({rec.text_source}); expected a non-empty string")
+                problems.append(
+                    f"{split} sample {rec.id!r}: field 'text' absent ({rec.text_source}); expected a non-empty string"
+                )
             elif not rec.text.strip():
                 text_ok[i] = False
                 flags[i] |= FLAG_TEXT_EMPTY
-                problems.append(f"{split} sample {rec.id!r}: field 'text' is empty ({rec.text_source}); expected a non-empty string")
+                problems.append(
+                    f"{split} sample {rec.id!r}: field 'text' is empty ({rec.text_source}); expected a non-empty string"
+                )
         neither = np.flatnonzero(~image_ok & ~text_ok)
         if len(neither):
             rec = records[neither[0]]
@@ -489,13 +522,24 @@ class MissingModalityDataModule(L.LightningDataModule):
                 f"{self.text_encoder!r} tokenizer"
             )
         usable = np.flatnonzero(text_ok)
-        encoded = tokenizer(
-            [records[i].text for i in usable], truncation=True, max_length=self.max_text_len, return_attention_mask=False
-        )["input_ids"] if len(usable) else []
+        encoded = (
+            tokenizer(
+                [records[i].text for i in usable],
+                truncation=True,
+                max_length=self.max_text_len,
+                return_attention_mask=False,
+            )["input_ids"]
+            if len(usable)
+            else []
+        )
         lengths = np.zeros(n, dtype=np.int64)
         lengths[usable] = [len(t) for t in encoded]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        flat = np.concatenate([np.asarray(t, dtype=np.int32) for t in encoded]) if encoded else np.zeros(0, np.int32)
+        flat = (
+            np.concatenate([np.asarray(t, dtype=np.int32) for t in encoded])
+            if encoded
+            else np.zeros(0, np.int32)
+        )
         empty_ids = tokenizer("", truncation=True, max_length=self.max_text_len)["input_ids"]
 
         data_config = self.data_config
@@ -508,14 +552,24 @@ class MissingModalityDataModule(L.LightningDataModule):
         if bad:
             log.warning(
                 "%s %s split: bad inputs treated as missing (on_bad_sample=missing): %s; first: %s",
-                type(self).__name__, split, bad, problems[:3],
+                type(self).__name__,
+                split,
+                bad,
+                problems[:3],
             )
         summary = {
             "complete": int((image_present & text_present).sum()),
             "text_missing": int((image_present & ~text_present).sum()),
             "image_missing": int((~image_present & text_present).sum()),
         }
-        log.info("%s %s split: %d samples, %s (setting %s)", type(self).__name__, split, n, summary, self.missing[split])
+        log.info(
+            "%s %s split: %d samples, %s (setting %s)",
+            type(self).__name__,
+            split,
+            n,
+            summary,
+            self.missing[split],
+        )
         flags.share_memory_()
         return MissingModalityDataset(
             split=split,
@@ -539,7 +593,9 @@ class MissingModalityDataModule(L.LightningDataModule):
         seen: set[str] = set()
         for rec in records:
             if rec.id in seen:
-                raise ValueError(f"{type(self).__name__}: {split} sample id {rec.id!r} appears more than once ({rec.text_source})")
+                raise ValueError(
+                    f"{type(self).__name__}: {split} sample id {rec.id!r} appears more than once ({rec.text_source})"
+                )
             seen.add(rec.id)
         unlabeled = [rec for rec in records if rec.label is None]
         if unlabeled:
@@ -557,9 +613,15 @@ class MissingModalityDataModule(L.LightningDataModule):
                 continue
             values = rec.label if self.task == "multilabel" else (rec.label,)
             if self.task == "multilabel" and not isinstance(rec.label, tuple):
-                raise TypeError(f"{type(self).__name__}: multilabel record {rec.id!r} needs a tuple of class indices")
+                raise TypeError(
+                    f"{type(self).__name__}: multilabel record {rec.id!r} needs a tuple of class indices"
+                )
             for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < self.num_classes:
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, (int, np.integer))
+                    or not 0 <= v < self.num_classes
+                ):
                     raise BadSampleError(
                         f"{type(self).__name__}: {split} sample {rec.id!r} ({rec.text_source}): field 'label' is {v!r}; "
                         f"expected a class index in [0, {self.num_classes}) ({self.num_classes} classes)"
@@ -580,9 +642,14 @@ class MissingModalityDataModule(L.LightningDataModule):
             path = self._table_path(split, setting)
             self.missing_table_paths[split] = path
             key_codes = load_or_create_missing_table(
-                path, keys, dataset=self.dataset_name, split=self._split_file_name(split), setting=setting, seed=self.missing_seed
+                path,
+                keys,
+                dataset=self.dataset_name,
+                split=self._split_file_name(split),
+                setting=setting,
+                seed=self.missing_seed,
             )
-        by_key = dict(zip(keys, key_codes.tolist()))
+        by_key = dict(zip(keys, key_codes.tolist(), strict=True))
         return np.array([by_key[rec.key] for rec in records], dtype=np.int8)
 
     # -------------------------------------------------------------------------- dynamic dropout
@@ -595,10 +662,16 @@ class MissingModalityDataModule(L.LightningDataModule):
         keys = self.datasets["train"].keys
         keys = list(dict.fromkeys(keys))
         codes = sample_missing_table(
-            keys, setting.missing_rate, setting.missing_type, setting.both_ratio,
-            seed=self.missing_seed, dataset=self.dataset_name, split=self._split_file_name("train"), epoch=epoch,
+            keys,
+            setting.missing_rate,
+            setting.missing_type,
+            setting.both_ratio,
+            seed=self.missing_seed,
+            dataset=self.dataset_name,
+            split=self._split_file_name("train"),
+            epoch=epoch,
         )
-        table = dict(zip(keys, codes.tolist()))
+        table = dict(zip(keys, codes.tolist(), strict=True))
         self._dynamic_cache = (epoch, table)
         return table
 
@@ -632,12 +705,17 @@ class MissingModalityDataModule(L.LightningDataModule):
     def _train_key_of(self) -> dict[str, str]:
         ds = self.datasets["train"]
         if self._key_of_cache is None or self._key_of_cache[0] is not ds:
-            self._key_of_cache = (ds, dict(zip(ds.ids, ds.keys)))
+            self._key_of_cache = (ds, dict(zip(ds.ids, ds.keys, strict=True)))
         return self._key_of_cache[1]
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
-        if trainer is not None and trainer.training and self.missing["train"].dynamic and self.missing["train"].missing_rate > 0:
+        if (
+            trainer is not None
+            and trainer.training
+            and self.missing["train"].dynamic
+            and self.missing["train"].missing_rate > 0
+        ):
             return self.apply_dynamic_missing(batch, trainer.current_epoch)
         return batch
 
@@ -711,5 +789,8 @@ class MissingModalityDataModule(L.LightningDataModule):
         if counts or self.dynamic_skipped:
             log.warning(
                 "%s bad inputs treated as missing so far: %s; dynamic drops skipped (sample already missing one "
-                "modality): %d", type(self).__name__, counts, self.dynamic_skipped,
+                "modality): %d",
+                type(self).__name__,
+                counts,
+                self.dynamic_skipped,
             )

@@ -66,10 +66,16 @@ class Food101DataModule(MissingModalityDataModule):
         **kwargs,
     ) -> None:
         if root is None:
-            raise ValueError("Food101DataModule needs root: the folder holding images/ and texts/ (or the arrow tables)")
+            raise ValueError(
+                "Food101DataModule needs root: the folder holding images/ and texts/ (or the arrow tables)"
+            )
         if format not in ("raw", "arrow"):
             raise ValueError(f"format must be 'raw' or 'arrow', got {format!r}")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        if (
+            isinstance(val_fraction, bool)
+            or not isinstance(val_fraction, (int, float))
+            or not 0 < val_fraction < 1
+        ):
             raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
         super().__init__(root=root, max_text_len=max_text_len, **kwargs)
         self.format = format
@@ -98,7 +104,9 @@ class Food101DataModule(MissingModalityDataModule):
     def _read_csv(self, root: Path, source_split: str) -> list[SampleRecord]:
         csv_path = root / "texts" / f"{source_split}_titles.csv"
         if not csv_path.is_file():
-            raise FileNotFoundError(f"UPMC Food-101: {csv_path} not found; root must hold texts/{source_split}_titles.csv")
+            raise FileNotFoundError(
+                f"UPMC Food-101: {csv_path} not found; root must hold texts/{source_split}_titles.csv"
+            )
         records = []
         with open(csv_path, encoding="utf-8", newline="") as handle:
             for line_no, row in enumerate(csv.reader(handle), start=1):
@@ -106,7 +114,9 @@ class Food101DataModule(MissingModalityDataModule):
                     continue
                 where = f"{csv_path} line {line_no}"
                 if len(row) < 3:
-                    raise ValueError(f"UPMC Food-101 {where}: expected '<file name>,<title>,<class>', got {row!r}")
+                    raise ValueError(
+                        f"UPMC Food-101 {where}: expected '<file name>,<title>,<class>', got {row!r}"
+                    )
                 file_name, title, class_name = row[0].strip(), ",".join(row[1:-1]), row[-1].strip()
                 if class_name not in self._class_index:
                     raise ValueError(
@@ -132,7 +142,9 @@ class Food101DataModule(MissingModalityDataModule):
         require_columns(table, path, ["image", "text", "label"])
         ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else None
         records = []
-        for row, (texts, label) in enumerate(zip(table.column("text").to_pylist(), table.column("label").to_pylist())):
+        for row, (texts, label) in enumerate(
+            zip(table.column("text").to_pylist(), table.column("label").to_pylist(), strict=True)
+        ):
             key = str(ids[row]) if ids is not None else f"row{row}"
             texts = texts_of(texts)
             for k, text in enumerate(texts):

@@ -50,7 +50,9 @@ class HatefulMemesDataModule(MissingModalityDataModule):
         **kwargs,
     ) -> None:
         if root is None:
-            raise ValueError("HatefulMemesDataModule needs root: the folder holding img/ and the .jsonl files (or the arrow tables)")
+            raise ValueError(
+                "HatefulMemesDataModule needs root: the folder holding img/ and the .jsonl files (or the arrow tables)"
+            )
         if format not in ("raw", "arrow"):
             raise ValueError(f"format must be 'raw' or 'arrow', got {format!r}")
         if test_split not in ("test_seen", "test_unseen"):
@@ -76,7 +78,9 @@ class HatefulMemesDataModule(MissingModalityDataModule):
         root = Path(self.root)
         path = root / f"{self._split_file_name(split)}.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"Hateful Memes: {path} not found; root must hold the .jsonl files and img/")
+            raise FileNotFoundError(
+                f"Hateful Memes: {path} not found; root must hold the .jsonl files and img/"
+            )
         records = []
         with open(path, encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, start=1):
@@ -88,7 +92,9 @@ class HatefulMemesDataModule(MissingModalityDataModule):
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"Hateful Memes {where}: not valid JSON: {exc}") from exc
                 if not isinstance(entry, dict) or "id" not in entry:
-                    raise ValueError(f"Hateful Memes {where}: expected an object with an 'id' field, got {line.strip()[:80]!r}")
+                    raise ValueError(
+                        f"Hateful Memes {where}: expected an object with an 'id' field, got {line.strip()[:80]!r}"
+                    )
                 text = entry.get("text")
                 if text is not None and not isinstance(text, str):
                     raise ValueError(f"Hateful Memes {where}: field 'text' is {text!r}; expected a string")
@@ -105,18 +111,24 @@ class HatefulMemesDataModule(MissingModalityDataModule):
         return records, FileImageReader(root)
 
     def _read_arrow(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
-        candidates = {"train": ["train"], "val": [self.val_split, "dev", "val"], "test": [self.test_split, "test"]}[split]
+        candidates = {
+            "train": ["train"],
+            "val": [self.val_split, "dev", "val"],
+            "test": [self.test_split, "test"],
+        }[split]
         path = find_arrow_file(self.root, "hatememes", candidates)
         table = open_arrow_table(path)
         require_columns(table, path, ["image", "text"])
-        labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * table.num_rows
+        labels = (
+            table.column("label").to_pylist() if "label" in table.column_names else [None] * table.num_rows
+        )
         ids = None
         for column in ("id", "image_id"):
             if column in table.column_names:
                 ids = table.column(column).to_pylist()
                 break
         records = []
-        for row, (texts, label) in enumerate(zip(table.column("text").to_pylist(), labels)):
+        for row, (texts, label) in enumerate(zip(table.column("text").to_pylist(), labels, strict=True)):
             key = str(ids[row]) if ids is not None else f"row{row}"
             texts = texts_of(texts)
             for k, text in enumerate(texts):

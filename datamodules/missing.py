@@ -194,7 +194,8 @@ def sample_missing_table(
         dup = next(i for i in ids if i in seen or seen.add(i))
         raise ValueError(f"sample ids must be unique to draw a missing table; {dup!r} appears more than once")
     setting = MissingSetting.from_config(
-        {"missing_rate": missing_rate, "missing_type": missing_type, "both_ratio": both_ratio}, "missing setting"
+        {"missing_rate": missing_rate, "missing_type": missing_type, "both_ratio": both_ratio},
+        "missing setting",
     )
     counts = missing_counts(len(ids), setting.missing_rate, setting.missing_type, setting.both_ratio)
     codes = np.zeros(len(ids), dtype=np.int8)
@@ -278,7 +279,7 @@ def save_missing_table(
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["id", "code"])
-    writer.writerows((str(i), int(c)) for i, c in zip(ids, codes))
+    writer.writerows((str(i), int(c)) for i, c in zip(ids, codes, strict=True))
     _atomic_write(csv_path, buf.getvalue())
 
 
@@ -306,7 +307,9 @@ def read_missing_table(csv_path: str | os.PathLike) -> tuple[dict[str, int], dic
                     f"missing table {csv_path} line {line_no}: expected '<id>,<code in 0/1/2>', got {row!r}"
                 )
             if row[0] in table:
-                raise MissingTableError(f"missing table {csv_path} line {line_no}: id {row[0]!r} appears twice")
+                raise MissingTableError(
+                    f"missing table {csv_path} line {line_no}: id {row[0]!r} appears twice"
+                )
             table[row[0]] = int(row[1])
     return table, meta
 
@@ -330,10 +333,18 @@ def load_or_create_missing_table(
     ids = [str(i) for i in ids]
     if csv_path is not None and Path(csv_path).exists():
         table, meta = read_missing_table(csv_path)
-        _validate_loaded(Path(csv_path), table, meta, ids, dataset=dataset, split=split, setting=setting, seed=seed)
+        _validate_loaded(
+            Path(csv_path), table, meta, ids, dataset=dataset, split=split, setting=setting, seed=seed
+        )
         return np.array([table[i] for i in ids], dtype=np.int8)
     codes = sample_missing_table(
-        ids, setting.missing_rate, setting.missing_type, setting.both_ratio, seed=seed, dataset=dataset, split=split
+        ids,
+        setting.missing_rate,
+        setting.missing_type,
+        setting.both_ratio,
+        seed=seed,
+        dataset=dataset,
+        split=split,
     )
     if csv_path is not None and write:
         save_missing_table(csv_path, ids, codes, dataset=dataset, split=split, setting=setting, seed=seed)
@@ -362,7 +373,9 @@ def _validate_loaded(
             else got == want
         )
         if not same:
-            raise MissingTableError(f"missing table {path} was drawn with {key}={got!r}, but {key}={want!r} is requested. {fix}")
+            raise MissingTableError(
+                f"missing table {path} was drawn with {key}={got!r}, but {key}={want!r} is requested. {fix}"
+            )
     current = set(ids)
     stored = set(table)
     if current != stored:

@@ -22,9 +22,29 @@ from datamodules.base import FileImageReader, ImageReader, MissingModalityDataMo
 log = logging.getLogger(__name__)
 
 MMIMDB_GENRES = [
-    "Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror", "Documentary",
-    "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History", "Music", "Animation",
-    "Musical", "Western", "Sport", "Short", "Film-Noir",
+    "Drama",
+    "Comedy",
+    "Romance",
+    "Thriller",
+    "Crime",
+    "Action",
+    "Adventure",
+    "Horror",
+    "Documentary",
+    "Mystery",
+    "Sci-Fi",
+    "Fantasy",
+    "Family",
+    "Biography",
+    "War",
+    "History",
+    "Music",
+    "Animation",
+    "Musical",
+    "Western",
+    "Sport",
+    "Short",
+    "Film-Noir",
 ]
 _SPLIT_FILE_NAMES = {"train": "train", "val": "dev", "test": "test"}
 
@@ -61,7 +81,9 @@ class MMIMDbDataModule(MissingModalityDataModule):
         **kwargs,
     ) -> None:
         if root is None:
-            raise ValueError("MMIMDbDataModule needs root: the folder holding split.json and dataset/ (or the arrow tables)")
+            raise ValueError(
+                "MMIMDbDataModule needs root: the folder holding split.json and dataset/ (or the arrow tables)"
+            )
         if format not in ("raw", "arrow"):
             raise ValueError(f"format must be 'raw' or 'arrow', got {format!r}")
         if text_mode not in ("per_plot", "per_movie"):
@@ -85,7 +107,9 @@ class MMIMDbDataModule(MissingModalityDataModule):
         if not (root / "split.json").is_file() and (root / "mmimdb" / "split.json").is_file():
             root = root / "mmimdb"
         if not (root / "split.json").is_file():
-            raise FileNotFoundError(f"MM-IMDb: {root / 'split.json'} not found; root must be the unpacked mmimdb folder")
+            raise FileNotFoundError(
+                f"MM-IMDb: {root / 'split.json'} not found; root must be the unpacked mmimdb folder"
+            )
         return root
 
     def _read_split(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
@@ -112,18 +136,26 @@ class MMIMDbDataModule(MissingModalityDataModule):
             try:
                 data = json.loads(json_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"MM-IMDb {name} sample {movie!r}: {json_path} is not valid JSON: {exc}") from exc
+                raise ValueError(
+                    f"MM-IMDb {name} sample {movie!r}: {json_path} is not valid JSON: {exc}"
+                ) from exc
             label = self._label_from_genres(data.get("genres"), movie, json_path)
             plots = data.get("plot")
             if plots is not None and not isinstance(plots, list):
                 plots = [plots]
-            records.extend(self._movie_records(movie, f"{movie}.jpeg", plots, data.get("plot outline"), label, str(json_path)))
+            records.extend(
+                self._movie_records(
+                    movie, f"{movie}.jpeg", plots, data.get("plot outline"), label, str(json_path)
+                )
+            )
         self._log_ignored()
         return records, FileImageReader(root / "dataset")
 
     def _label_from_genres(self, genres, movie: str, source) -> tuple[int, ...]:
         if not isinstance(genres, list):
-            raise ValueError(f"MM-IMDb sample {movie!r} ({source}): field 'genres' is {genres!r}; expected a list of genre names")
+            raise ValueError(
+                f"MM-IMDb sample {movie!r} ({source}): field 'genres' is {genres!r}; expected a list of genre names"
+            )
         indices = []
         for genre in genres:
             if genre in self._genre_index:
@@ -141,11 +173,22 @@ class MMIMDbDataModule(MissingModalityDataModule):
         plots = list(plots) if plots else []
         if self.text_mode == "per_movie":
             if isinstance(outline, str) and outline.strip():
-                return [SampleRecord(movie, movie, image_ref, outline, label, f"{source} field 'plot outline'")]
+                return [
+                    SampleRecord(movie, movie, image_ref, outline, label, f"{source} field 'plot outline'")
+                ]
             text = plots[0] if plots else None
             return [SampleRecord(movie, movie, image_ref, text, label, f"{source} field 'plot'[0]")]
         if not plots:
-            return [SampleRecord(f"{movie}#0", movie, image_ref, None, label, f"{source} field 'plot' (absent or empty list)")]
+            return [
+                SampleRecord(
+                    f"{movie}#0",
+                    movie,
+                    image_ref,
+                    None,
+                    label,
+                    f"{source} field 'plot' (absent or empty list)",
+                )
+            ]
         return [
             SampleRecord(f"{movie}#{k}", movie, image_ref, plot, label, f"{source} field 'plot'[{k}]")
             for k, plot in enumerate(plots)
@@ -166,10 +209,14 @@ class MMIMDbDataModule(MissingModalityDataModule):
         ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else None
         labels = table.column("label").to_pylist()
         records = []
-        for row, (plots, multi_hot) in enumerate(zip(table.column("plots").to_pylist(), labels)):
+        for row, (plots, multi_hot) in enumerate(zip(table.column("plots").to_pylist(), labels, strict=True)):
             movie = str(ids[row]) if ids is not None else f"row{row}"
             source = f"arrow file {path} row {row}"
-            if not isinstance(multi_hot, list) or len(multi_hot) != len(MMIMDB_GENRES) or any(v not in (0, 1) for v in multi_hot):
+            if (
+                not isinstance(multi_hot, list)
+                or len(multi_hot) != len(MMIMDB_GENRES)
+                or any(v not in (0, 1) for v in multi_hot)
+            ):
                 raise ValueError(
                     f"MM-IMDb sample {movie!r} ({source}): column 'label' is {multi_hot!r}; expected 23 values in {{0, 1}}"
                 )

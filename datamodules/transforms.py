@@ -87,7 +87,9 @@ def build_image_transform(
         "interpolation": data_config.get("interpolation", "bicubic"),
     }
     if train and augment:
-        return create_transform(is_training=True, scale=TRAIN_CROP_SCALE, hflip=0.5, color_jitter=None, **common)
+        return create_transform(
+            is_training=True, scale=TRAIN_CROP_SCALE, hflip=0.5, color_jitter=None, **common
+        )
     return create_transform(is_training=False, crop_pct=data_config.get("crop_pct", 1.0), **common)
 
 

@@ -56,7 +56,10 @@ def make_mmimdb(
             splits[split].append(movie)
             data = {
                 "title": f"Movie {index}",
-                "plot": [f"Plot {p} of movie {index}, a {mmimdb_genres(index)[0].lower()} story." for p in range(plots_per_movie)],
+                "plot": [
+                    f"Plot {p} of movie {index}, a {mmimdb_genres(index)[0].lower()} story."
+                    for p in range(plots_per_movie)
+                ],
                 "plot outline": f"Outline of movie {index}.",
                 "genres": mmimdb_genres(index),
             }
@@ -84,7 +87,9 @@ def make_food101(
             assert class_name in FOOD101_CLASSES
             file_name = f"{class_name}_{i}.jpg"
             (root / "images" / split / class_name).mkdir(parents=True, exist_ok=True)
-            _image(FOOD101_CLASSES.index(class_name)).save(root / "images" / split / class_name / file_name, format="JPEG")
+            _image(FOOD101_CLASSES.index(class_name)).save(
+                root / "images" / split / class_name / file_name, format="JPEG"
+            )
             rows.append(f'{file_name},"Best {class_name.replace("_", " ")} recipe, number {i}",{class_name}')
         (root / "texts" / f"{split}_titles.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return root
@@ -106,7 +111,12 @@ def make_hateful_memes(
         for i in range(count):
             meme_id = 10000 + index
             _image(index).save(root / "img" / f"{meme_id}.png", format="PNG")
-            entry = {"id": meme_id, "img": f"img/{meme_id}.png", "label": i % 2, "text": f"caption of meme {meme_id}"}
+            entry = {
+                "id": meme_id,
+                "img": f"img/{meme_id}.png",
+                "label": i % 2,
+                "text": f"caption of meme {meme_id}",
+            }
             if split.startswith("test") and not test_labels:
                 del entry["label"]
             lines.append(json.dumps(entry))

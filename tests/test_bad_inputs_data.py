@@ -34,7 +34,9 @@ def train_rows(dm, num_workers=0) -> dict:
     """{id: (image_present, text_present, image is filler)} over one pass of the train split."""
     loader = dm._loader("train", shuffle=False)
     if num_workers:
-        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=4, num_workers=num_workers, collate_fn=loader.collate_fn)
+        loader = torch.utils.data.DataLoader(
+            loader.dataset, batch_size=4, num_workers=num_workers, collate_fn=loader.collate_fn
+        )
     out = {}
     for batch in loader:
         for row, sample_id in enumerate(batch["id"]):
@@ -54,12 +56,29 @@ def memes(tmp_path):
 # ------------------------------------------------------------------------------- index-time checks
 
 INDEX_TIME_CASES = {
-    "image_absent": (lambda root: (root / "img" / "10001.png").unlink(), r"field 'image': file .*img/10001\.png does not exist"),
-    "image_not_named": (lambda root: edit_jsonl(root / "train.jsonl", 1, img=None), r"field 'image': no image named in the source"),
-    "text_empty": (lambda root: edit_jsonl(root / "train.jsonl", 1, text="   "), r"field 'text' is empty \(.*train\.jsonl line 2 field 'text'\)"),
-    "text_absent": (lambda root: edit_jsonl(root / "train.jsonl", 1, text=None), r"field 'text' absent \(.*train\.jsonl line 2"),
+    "image_absent": (
+        lambda root: (root / "img" / "10001.png").unlink(),
+        r"field 'image': file .*img/10001\.png does not exist",
+    ),
+    "image_not_named": (
+        lambda root: edit_jsonl(root / "train.jsonl", 1, img=None),
+        r"field 'image': no image named in the source",
+    ),
+    "text_empty": (
+        lambda root: edit_jsonl(root / "train.jsonl", 1, text="   "),
+        r"field 'text' is empty \(.*train\.jsonl line 2 field 'text'\)",
+    ),
+    "text_absent": (
+        lambda root: edit_jsonl(root / "train.jsonl", 1, text=None),
+        r"field 'text' absent \(.*train\.jsonl line 2",
+    ),
 }
-COUNTED_AS = {"image_absent": "image_absent", "image_not_named": "image_absent", "text_empty": "text_empty", "text_absent": "text_absent"}
+COUNTED_AS = {
+    "image_absent": "image_absent",
+    "image_not_named": "image_absent",
+    "text_empty": "text_empty",
+    "text_absent": "text_absent",
+}
 
 
 @pytest.mark.parametrize("case", sorted(INDEX_TIME_CASES))
@@ -102,7 +121,10 @@ def test_mmimdb_and_food101_text_problems(tmp_path):
     data = json.loads(movie.read_text())
     data["plot"] = []
     movie.write_text(json.dumps(data))
-    with pytest.raises(BadSampleError, match=r"train sample '0000002#0': field 'text' absent \(.*0000002\.json field 'plot' \(absent or empty list\)\)"):
+    with pytest.raises(
+        BadSampleError,
+        match=r"train sample '0000002#0': field 'text' absent \(.*0000002\.json field 'plot' \(absent or empty list\)\)",
+    ):
         MMIMDbDataModule(root=str(root), **TINY).setup("fit")
     dm = MMIMDbDataModule(root=str(root), on_bad_sample="missing", **TINY)
     dm.setup("fit")
@@ -113,7 +135,10 @@ def test_mmimdb_and_food101_text_problems(tmp_path):
     lines = csv_path.read_text().splitlines()
     lines[2] = "pizza_2.jpg,,pizza"
     csv_path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(BadSampleError, match=r"test sample 'pizza_2\.jpg': field 'text' is empty \(.*test_titles\.csv line 3 field 'title'\)"):
+    with pytest.raises(
+        BadSampleError,
+        match=r"test sample 'pizza_2\.jpg': field 'text' is empty \(.*test_titles\.csv line 3 field 'title'\)",
+    ):
         Food101DataModule(root=str(food), **TINY).setup("test")
 
 
@@ -180,7 +205,10 @@ def test_sample_with_neither_modality_is_an_error_under_both_policies(memes):
     edit_jsonl(memes / "train.jsonl", 3, text="")
     for policy in ("error", "missing"):
         dm = HatefulMemesDataModule(root=str(memes), on_bad_sample=policy, **TINY)
-        with pytest.raises(BadSampleError, match=r"1 train sample\(s\) have neither a usable image nor a usable text, e\.g\. '10003'"):
+        with pytest.raises(
+            BadSampleError,
+            match=r"1 train sample\(s\) have neither a usable image nor a usable text, e\.g\. '10003'",
+        ):
             dm.setup("fit")
 
 
@@ -189,7 +217,9 @@ def test_unreadable_image_and_empty_text_is_an_error_even_under_missing(memes):
     edit_jsonl(memes / "train.jsonl", 3, text=" ")
     dm = HatefulMemesDataModule(root=str(memes), on_bad_sample="missing", **TINY)
     dm.setup("fit")
-    with pytest.raises(BadSampleError, match=r"'10003': image .* is unreadable and the text is absent or empty"):
+    with pytest.raises(
+        BadSampleError, match=r"'10003': image .* is unreadable and the text is absent or empty"
+    ):
         train_rows(dm)
 
 
@@ -197,19 +227,28 @@ def test_bad_input_on_the_kept_modality_restores_the_dropped_one(memes):
     # Table drops every image (rate 1, type image); sample 10001's text is empty.
     edit_jsonl(memes / "test_seen.jsonl", 1, text="")
     dm = HatefulMemesDataModule(
-        root=str(memes), on_bad_sample="missing", test_missing={"missing_rate": 1.0, "missing_type": "image"}, **TINY
+        root=str(memes),
+        on_bad_sample="missing",
+        test_missing={"missing_rate": 1.0, "missing_type": "image"},
+        **TINY,
     )
     dm.setup("test")
     ds = dm.datasets["test"]
-    assert dm.bad_sample_counts["test"]["table_overridden"] == 1 and dm.bad_sample_counts["test"]["text_empty"] == 1
+    assert (
+        dm.bad_sample_counts["test"]["table_overridden"] == 1
+        and dm.bad_sample_counts["test"]["text_empty"] == 1
+    )
     k = ds.ids.index("10013")
     assert (ds.image_present[k], ds.text_present[k]) == (True, False)
     assert dm.missing_summary("test") == {"complete": 0, "text_missing": 1, "image_missing": 3}
     # Load-time variant: the table drops every text; one image turns out unreadable.
     corrupt(memes / "img" / "10014.png", "garbage")
     dm = HatefulMemesDataModule(
-        root=str(memes), on_bad_sample="missing", test_missing={"missing_rate": 1.0, "missing_type": "text"},
-        missing_table_dir=str(memes / "other_tables"), **TINY,
+        root=str(memes),
+        on_bad_sample="missing",
+        test_missing={"missing_rate": 1.0, "missing_type": "text"},
+        missing_table_dir=str(memes / "other_tables"),
+        **TINY,
     )
     edit_jsonl(memes / "test_seen.jsonl", 1, text="restored")
     dm.setup("test")
@@ -217,7 +256,10 @@ def test_bad_input_on_the_kept_modality_restores_the_dropped_one(memes):
     row = batch["id"].index("10014")
     assert (bool(batch["image_present"][row]), bool(batch["text_present"][row])) == (False, True)
     assert batch["attention_mask"][row].sum() > 2  # the real caption, not the empty filler
-    assert dm.bad_sample_counts["test"]["table_overridden"] == 1 and dm.bad_sample_counts["test"]["image_unreadable"] == 1
+    assert (
+        dm.bad_sample_counts["test"]["table_overridden"] == 1
+        and dm.bad_sample_counts["test"]["image_unreadable"] == 1
+    )
 
 
 @pytest.mark.parametrize("policy", ["error", "missing"])
@@ -225,12 +267,17 @@ def test_labels_outside_the_label_set_are_always_errors(tmp_path, policy):
     food = make_food101(tmp_path, n_train=6)
     csv_path = food / "texts" / "train_titles.csv"
     csv_path.write_text(csv_path.read_text().replace(",pizza\n", ",pizza_pie\n", 1))
-    with pytest.raises(ValueError, match=r"train_titles\.csv line 3, sample 'pizza_2\.jpg': field 'class' is 'pizza_pie'"):
+    with pytest.raises(
+        ValueError, match=r"train_titles\.csv line 3, sample 'pizza_2\.jpg': field 'class' is 'pizza_pie'"
+    ):
         Food101DataModule(root=str(food), on_bad_sample=policy, **TINY).setup("fit")
 
     memes = make_hateful_memes(tmp_path)
     edit_jsonl(memes / "dev.jsonl", 0, label=2)
-    with pytest.raises(BadSampleError, match=r"val sample '10008' \(.*dev\.jsonl line 1.*\): field 'label' is 2; expected a class index in \[0, 2\)"):
+    with pytest.raises(
+        BadSampleError,
+        match=r"val sample '10008' \(.*dev\.jsonl line 1.*\): field 'label' is 2; expected a class index in \[0, 2\)",
+    ):
         HatefulMemesDataModule(root=str(memes), on_bad_sample=policy, **TINY).setup("fit")
 
     mmimdb = make_mmimdb(tmp_path)
@@ -238,9 +285,13 @@ def test_labels_outside_the_label_set_are_always_errors(tmp_path, policy):
     data = json.loads(movie.read_text())
     data["genres"].append("Talk-Show")
     movie.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"sample '0000001' \(.*0000001\.json\): genre 'Talk-Show' is not one of the 23"):
+    with pytest.raises(
+        ValueError, match=r"sample '0000001' \(.*0000001\.json\): genre 'Talk-Show' is not one of the 23"
+    ):
         MMIMDbDataModule(root=str(mmimdb), extra_genres="error", on_bad_sample=policy, **TINY).setup("fit")
-    lenient = MMIMDbDataModule(root=str(mmimdb), on_bad_sample=policy, **TINY)  # MAP's default: ignore, but count
+    lenient = MMIMDbDataModule(
+        root=str(mmimdb), on_bad_sample=policy, **TINY
+    )  # MAP's default: ignore, but count
     lenient.setup("fit")
     assert lenient.ignored_genre_counts == {"Talk-Show": 1}
 
@@ -255,7 +306,9 @@ def test_labels_outside_the_label_set_are_always_errors(tmp_path, policy):
     with pa.OSFile(str(arrow / "new.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     (arrow / "new.arrow").replace(arrow / "food101_test.arrow")
-    with pytest.raises(BadSampleError, match=r"row 3 .*field 'label' is 150; expected a class index in \[0, 101\)"):
+    with pytest.raises(
+        BadSampleError, match=r"row 3 .*field 'label' is 150; expected a class index in \[0, 101\)"
+    ):
         Food101DataModule(root=str(arrow), format="arrow", on_bad_sample=policy, **TINY).setup("test")
 
 

@@ -27,7 +27,13 @@ from datamodules.emoji_source import EmojiItem
 from datamodules.food101 import FOOD101_CLASSES
 from datamodules.missing import MissingTableError
 from datamodules.mmimdb import MMIMDB_GENRES
-from tests.fixtures_data import make_arrow_tables, make_food101, make_hateful_memes, make_mmimdb, mmimdb_genres
+from tests.fixtures_data import (
+    make_arrow_tables,
+    make_food101,
+    make_hateful_memes,
+    make_mmimdb,
+    mmimdb_genres,
+)
 
 IMAGE_SIZE = 32
 TINY = {"image_encoder": "test_vit", "text_encoder": "tiny-bert", "image_size": IMAGE_SIZE, "batch_size": 4}
@@ -53,11 +59,20 @@ def assert_batch_schema(batch: dict, dm: MissingModalityDataModule) -> None:
         if not batch["image_present"][row]:
             assert bool((batch["image"][row] == 1).all())
         if not batch["text_present"][row]:
-            assert batch["attention_mask"][row].sum() == 2 and batch["input_ids"][row, :2].tolist() == [101, 102]
+            assert batch["attention_mask"][row].sum() == 2 and batch["input_ids"][row, :2].tolist() == [
+                101,
+                102,
+            ]
 
 
 def all_batches(loader) -> list[dict]:
     return list(loader)
+
+
+def presence_of(batches: list[dict]) -> dict:
+    """{id: (image_present, text_present)}"""
+    images, texts = by_id(batches, "image_present"), by_id(batches, "text_present")
+    return {i: (images[i], texts[i]) for i in images}
 
 
 def by_id(batches: list[dict], key: str) -> dict:
@@ -109,7 +124,11 @@ def test_mmimdb_per_movie_uses_the_outline(tmp_path):
 def test_food101_raw_val_carved_from_train(tmp_path):
     root = make_food101(tmp_path, n_train=40, n_test=6)
     dm = Food101DataModule(root=str(root), **TINY)
-    assert (dm.task, dm.num_classes, dm.label_names[:2]) == ("multiclass", 101, ["apple_pie", "baby_back_ribs"])
+    assert (dm.task, dm.num_classes, dm.label_names[:2]) == (
+        "multiclass",
+        101,
+        ["apple_pie", "baby_back_ribs"],
+    )
     dm.setup()
     train, val = set(dm.datasets["train"].ids), set(dm.datasets["val"].ids)
     assert len(val) == round(40 * 0.1007) == 4 and len(train) == 36 and not train & val
@@ -168,7 +187,8 @@ def test_hateful_memes_unlabelled_test_refuses_test_but_allows_predict(tmp_path)
 
 
 @pytest.mark.parametrize(
-    "cls, sizes", [(MMIMDbDataModule, (12, 12, 12)), (Food101DataModule, (6, 6, 6)), (HatefulMemesDataModule, (6, 6, 6))]
+    "cls, sizes",
+    [(MMIMDbDataModule, (12, 12, 12)), (Food101DataModule, (6, 6, 6)), (HatefulMemesDataModule, (6, 6, 6))],
 )
 def test_map_arrow_tables(tmp_path, cls, sizes):
     root = make_arrow_tables(tmp_path)
@@ -203,16 +223,27 @@ def _fake_emoji(monkeypatch, tmp_path) -> list[EmojiItem]:
         Image.new("RGBA", (16, 16), (255, 0, 0, 0 if i % 2 else 255)).save(path)
         split = ("train", "train", "train", "val", "test", "test")[i % 6]
         items.append(EmojiItem(f"1F{i:03X}", path, f"emoji number {i}", groups[i % 3], f"sub{i % 2}", split))
-    monkeypatch.setattr("datamodules.emoji.emoji_label_names", lambda label, cache_dir=None, split_seed=0: sorted({getattr(x, label) for x in items}))
-    monkeypatch.setattr("datamodules.emoji.load_emoji_items", lambda cache_dir=None, label="group", split_seed=0: items)
-    monkeypatch.setattr("datamodules.emoji.prepare_emoji", lambda cache_dir=None, split_seed=0: Path(cache_dir) / "emoji")
+    monkeypatch.setattr(
+        "datamodules.emoji.emoji_label_names",
+        lambda label, cache_dir=None, split_seed=0: sorted({getattr(x, label) for x in items}),
+    )
+    monkeypatch.setattr(
+        "datamodules.emoji.load_emoji_items", lambda cache_dir=None, label="group", split_seed=0: items
+    )
+    monkeypatch.setattr(
+        "datamodules.emoji.prepare_emoji", lambda cache_dir=None, split_seed=0: Path(cache_dir) / "emoji"
+    )
     return items
 
 
 def test_emoji_datamodule_on_fake_items(monkeypatch, tmp_path):
     items = _fake_emoji(monkeypatch, tmp_path)
     dm = EmojiDataModule(root=str(tmp_path), test_missing={"missing_rate": 0.5}, **TINY)
-    assert (dm.num_classes, dm.label_names, dm.root) == (3, ["animals-nature", "flags", "food-drink"], str(tmp_path / "emoji"))
+    assert (dm.num_classes, dm.label_names, dm.root) == (
+        3,
+        ["animals-nature", "flags", "food-drink"],
+        str(tmp_path / "emoji"),
+    )
     dm.prepare_data()
     dm.setup()
     assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 9, "val": 3, "test": 6}
@@ -234,11 +265,16 @@ def _emoji_cache_ready() -> bool:
     return (extracted_dir() / MANIFEST).is_file()
 
 
-@pytest.mark.skipif(not _emoji_cache_ready(), reason="emoji data not prepared (python -m datamodules.emoji_source)")
+@pytest.mark.skipif(
+    not _emoji_cache_ready(), reason="emoji data not prepared (python -m datamodules.emoji_source)"
+)
 def test_emoji_real_data_with_minilm_tokenizer_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     dm = EmojiDataModule(
-        image_encoder="dinov2-s14", text_encoder="minilm-l6", batch_size=8, missing_table_dir=str(tmp_path),
+        image_encoder="dinov2-s14",
+        text_encoder="minilm-l6",
+        batch_size=8,
+        missing_table_dir=str(tmp_path),
         test_missing={"missing_rate": 0.7},
     )
     assert dm.num_classes == 9 and len(dm.label_names) == 9
@@ -260,10 +296,14 @@ def test_emoji_real_data_with_minilm_tokenizer_offline(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------- protocol via DM
 
 
-@pytest.mark.parametrize("missing_type, expected", [("both", (14, 14, 12)), ("text", (28, 0, 12)), ("image", (0, 28, 12))])
+@pytest.mark.parametrize(
+    "missing_type, expected", [("both", (14, 14, 12)), ("text", (28, 0, 12)), ("image", (0, 28, 12))]
+)
 def test_protocol_counts_through_the_datamodule(tmp_path, missing_type, expected):
     root = make_hateful_memes(tmp_path, n_test=40)
-    dm = HatefulMemesDataModule(root=str(root), test_missing={"missing_rate": 0.7, "missing_type": missing_type}, **TINY)
+    dm = HatefulMemesDataModule(
+        root=str(root), test_missing={"missing_rate": 0.7, "missing_type": missing_type}, **TINY
+    )
     dm.setup("test")
     s = dm.missing_summary("test")
     assert (s["text_missing"], s["image_missing"], s["complete"]) == expected
@@ -274,9 +314,10 @@ def test_protocol_counts_through_the_datamodule(tmp_path, missing_type, expected
 def _presence(dm, split="test", num_workers=None) -> dict:
     loader = dm._loader(split, shuffle=False)
     if num_workers is not None:
-        loader = DataLoader(loader.dataset, batch_size=4, num_workers=num_workers, collate_fn=loader.collate_fn)
-    batches = all_batches(loader)
-    return {i: (a, b) for (i, a), b in zip(by_id(batches, "image_present").items(), by_id(batches, "text_present").values())}
+        loader = DataLoader(
+            loader.dataset, batch_size=4, num_workers=num_workers, collate_fn=loader.collate_fn
+        )
+    return presence_of(all_batches(loader))
 
 
 def test_table_identical_across_constructions_workers_and_ranks(tmp_path, monkeypatch):
@@ -288,24 +329,32 @@ def test_table_identical_across_constructions_workers_and_ranks(tmp_path, monkey
     # A second construction reloads the persisted table; a third draws afresh in another folder.
     second = HatefulMemesDataModule(root=str(root), test_missing=setting, **TINY)
     second.setup("test")
-    fresh = HatefulMemesDataModule(root=str(root), test_missing=setting, missing_table_dir=str(tmp_path / "t2"), **TINY)
+    fresh = HatefulMemesDataModule(
+        root=str(root), test_missing=setting, missing_table_dir=str(tmp_path / "t2"), **TINY
+    )
     fresh.setup("test")
     assert _presence(second) == reference == _presence(fresh)
-    assert (tmp_path / "t2" / first.missing_table_paths["test"].name).read_text() == first.missing_table_paths["test"].read_text()
+    assert (
+        tmp_path / "t2" / first.missing_table_paths["test"].name
+    ).read_text() == first.missing_table_paths["test"].read_text()
     # Worker count.
     assert _presence(first, num_workers=2) == reference
     # Rank: the table is drawn over the whole split whatever the rank; each rank reads its shard.
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    rank1 = HatefulMemesDataModule(root=str(root), test_missing=setting, missing_table_dir=str(tmp_path / "t3"), **TINY)
+    rank1 = HatefulMemesDataModule(
+        root=str(root), test_missing=setting, missing_table_dir=str(tmp_path / "t3"), **TINY
+    )
     rank1.setup("test")
     assert _presence(rank1) == reference
     dataset = first.datasets["test"]
     seen = {}
     for rank in (0, 1):
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
-        loader = DataLoader(dataset, batch_size=4, sampler=sampler, collate_fn=MissingModalityCollate(0, "binary"))
+        loader = DataLoader(
+            dataset, batch_size=4, sampler=sampler, collate_fn=MissingModalityCollate(0, "binary")
+        )
         shard = _presence_from(loader)
         assert len(shard) == 12 and not set(shard) & set(seen)
         seen.update(shard)
@@ -313,8 +362,7 @@ def test_table_identical_across_constructions_workers_and_ranks(tmp_path, monkey
 
 
 def _presence_from(loader) -> dict:
-    batches = all_batches(loader)
-    return {i: (a, b) for (i, a), b in zip(by_id(batches, "image_present").items(), by_id(batches, "text_present").values())}
+    return presence_of(all_batches(loader))
 
 
 def test_stale_table_in_datamodule_raises(tmp_path):
@@ -326,7 +374,9 @@ def test_stale_table_in_datamodule_raises(tmp_path):
     splits = json.loads((root / "split.json").read_text())
     splits["test"] = splits["test"][:-1]
     (root / "split.json").write_text(json.dumps(splits))
-    with pytest.raises(MissingTableError, match=r"is stale: it holds 4 ids, the mmimdb test split has 3.*'0000015'"):
+    with pytest.raises(
+        MissingTableError, match=r"is stale: it holds 4 ids, the mmimdb test split has 3.*'0000015'"
+    ):
         MMIMDbDataModule(root=str(root), test_missing={"missing_rate": 0.5}, **TINY).setup("test")
 
 
@@ -336,10 +386,16 @@ def test_table_folder_falls_back_when_root_is_read_only(tmp_path, monkeypatch):
     run_dir.mkdir()
     monkeypatch.chdir(run_dir)
     real_access = __import__("os").access
-    monkeypatch.setattr("datamodules.base.os.access", lambda p, mode: False if str(p).startswith(str(root)) else real_access(p, mode))
+    monkeypatch.setattr(
+        "datamodules.base.os.access",
+        lambda p, mode: False if str(p).startswith(str(root)) else real_access(p, mode),
+    )
     dm = HatefulMemesDataModule(root=str(root), test_missing={"missing_rate": 0.5}, **TINY)
     dm.setup("test")
-    assert dm.missing_table_paths["test"] == run_dir / "runs" / "missing_tables" / "hateful_memes" / dm.missing_table_paths["test"].name
+    assert (
+        dm.missing_table_paths["test"]
+        == run_dir / "runs" / "missing_tables" / "hateful_memes" / dm.missing_table_paths["test"].name
+    )
     assert not (root / "missing_tables").exists()
     # A table shipped next to the data is reused even though the folder is not writable.
     shipped = root / "missing_tables" / dm.missing_table_paths["test"].name
@@ -363,19 +419,19 @@ def test_dynamic_modality_dropout_redraws_per_epoch(tmp_path):
         batches = [dm.on_before_batch_transfer(b, 0) for b in dm._loader("train", shuffle=False)]
         for batch in batches:
             assert_batch_schema(batch, dm)
-        return _presence_from_batches(batches)
+        return presence_of(batches)
 
     e0, e1, e0_again = epoch_presence(0), epoch_presence(1), epoch_presence(0)
     for table in (e0, e1):
         values = list(table.values())
-        assert (values.count((True, False)), values.count((False, True)), values.count((True, True))) == (10, 10, 20)
+        assert (values.count((True, False)), values.count((False, True)), values.count((True, True))) == (
+            10,
+            10,
+            20,
+        )
     assert e0 == e0_again and e0 != e1
     assert all(v == (True, True) for v in epoch_presence(0, training=False).values())
     dm.trainer = None
-
-
-def _presence_from_batches(batches) -> dict:
-    return {i: (a, b) for (i, a), b in zip(by_id(batches, "image_present").items(), by_id(batches, "text_present").values())}
 
 
 def test_padding_to_longest_capped_at_max_text_len(tmp_path):
@@ -392,7 +448,10 @@ def test_padding_to_longest_capped_at_max_text_len(tmp_path):
     first = next(iter(dm._loader("train", shuffle=False)))
     assert first["input_ids"].shape[1] == 12
     assert first["attention_mask"].sum(1).tolist() == [short, 12, short, short]
-    assert first["input_ids"][1, -1].item() == 102 and first["input_ids"][0, -1].item() == dm.tokenizer.pad_token_id
+    assert (
+        first["input_ids"][1, -1].item() == 102
+        and first["input_ids"][0, -1].item() == dm.tokenizer.pad_token_id
+    )
     assert bool((first["attention_mask"].bool() == (first["input_ids"] != dm.tokenizer.pad_token_id)).all())
     val = next(iter(dm.val_dataloader()))
     assert val["input_ids"].shape[1] == short  # the longest of this batch, not max_text_len
@@ -420,9 +479,13 @@ def test_init_validation_names_the_option(tmp_path, kwargs, message):
 
 
 def test_val_follows_test_setting_unless_given(tmp_path):
-    dm = Food101DataModule(root=str(tmp_path), test_missing={"missing_rate": 0.7, "missing_type": "text"}, **TINY)
+    dm = Food101DataModule(
+        root=str(tmp_path), test_missing={"missing_rate": 0.7, "missing_type": "text"}, **TINY
+    )
     assert dm.missing["val"] == dm.missing["test"] and dm.missing["train"].missing_rate == 0.0
-    dm = Food101DataModule(root=str(tmp_path), test_missing={"missing_rate": 0.7}, val_missing={"missing_rate": 0.1}, **TINY)
+    dm = Food101DataModule(
+        root=str(tmp_path), test_missing={"missing_rate": 0.7}, val_missing={"missing_rate": 0.1}, **TINY
+    )
     assert dm.missing["val"].missing_rate == 0.1
 
 
@@ -453,13 +516,15 @@ data:
 
 
 def test_workers_see_the_same_samples(tmp_path):
-    dm = Food101DataModule(root=str(make_food101(tmp_path)), num_workers=2, test_missing={"missing_rate": 0.5}, **TINY)
+    dm = Food101DataModule(
+        root=str(make_food101(tmp_path)), num_workers=2, test_missing={"missing_rate": 0.5}, **TINY
+    )
     assert dm.persistent_workers is True
     dm.setup("test")
     with_workers = all_batches(dm.test_dataloader())
     dm.num_workers, dm.persistent_workers = 0, False
     without = all_batches(dm.test_dataloader())
-    for a, b in zip(with_workers, without):
+    for a, b in zip(with_workers, without, strict=True):
         assert a["id"] == b["id"]
         for key in ("image", "input_ids", "attention_mask", "image_present", "text_present", "label"):
             assert torch.equal(a[key], b[key]), key

@@ -29,7 +29,11 @@ IDS_1000 = [f"item{i:05d}" for i in range(1000)]
 
 def counts(codes: np.ndarray) -> tuple[int, int, int]:
     """(text-missing, image-missing, complete)"""
-    return int((codes == TEXT_MISSING).sum()), int((codes == IMAGE_MISSING).sum()), int((codes == COMPLETE).sum())
+    return (
+        int((codes == TEXT_MISSING).sum()),
+        int((codes == IMAGE_MISSING).sum()),
+        int((codes == COMPLETE).sum()),
+    )
 
 
 @pytest.mark.parametrize(
@@ -59,7 +63,11 @@ def test_both_ratio_and_floor_rounding():
     assert counts(sample_missing_table([str(i) for i in range(7)], 0.5, "both")) == (2, 1, 4)
     # 700 missing, both_ratio 0.3: floor(210) image-missing.
     assert counts(sample_missing_table(IDS_1000, 0.7, "both", both_ratio=0.3)) == (490, 210, 300)
-    assert missing_counts(1000, 0.7, "both", 0.3) == {"complete": 300, "text_missing": 490, "image_missing": 210}
+    assert missing_counts(1000, 0.7, "both", 0.3) == {
+        "complete": 300,
+        "text_missing": 490,
+        "image_missing": 210,
+    }
 
 
 def test_same_inputs_same_table_and_any_changed_part_changes_it():
@@ -74,8 +82,8 @@ def test_same_inputs_same_table_and_any_changed_part_changes_it():
 def test_table_does_not_depend_on_id_order():
     shuffled = list(IDS_1000)
     random.Random(1).shuffle(shuffled)
-    a = dict(zip(IDS_1000, sample_missing_table(IDS_1000, 0.7, "both", seed=0).tolist()))
-    b = dict(zip(shuffled, sample_missing_table(shuffled, 0.7, "both", seed=0).tolist()))
+    a = dict(zip(IDS_1000, sample_missing_table(IDS_1000, 0.7, "both", seed=0).tolist(), strict=True))
+    b = dict(zip(shuffled, sample_missing_table(shuffled, 0.7, "both", seed=0).tolist(), strict=True))
     assert a == b
 
 
@@ -95,7 +103,11 @@ def test_table_is_independent_of_python_hash_seed():
     )
     outs = {
         subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": seed, "PYTHONPATH": "."}
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PYTHONPATH": "."},
         ).stdout
         for seed in ("1", "2")
     }
@@ -122,7 +134,10 @@ def test_duplicate_ids_are_rejected():
         ({"missing_rate": 1.5}, r"train_missing\.missing_rate must be a number in \[0, 1\], got 1\.5"),
         ({"missing_rate": -0.1}, r"train_missing\.missing_rate"),
         ({"missing_rate": True}, r"train_missing\.missing_rate"),
-        ({"missing_type": "audio"}, r"train_missing\.missing_type must be one of \['text', 'image', 'both'\]"),
+        (
+            {"missing_type": "audio"},
+            r"train_missing\.missing_type must be one of \['text', 'image', 'both'\]",
+        ),
         ({"both_ratio": 2}, r"train_missing\.both_ratio"),
         ({"missing_ratio": 0.7}, r"train_missing has unknown key\(s\) \['missing_ratio'\]"),
         ({"dynamic": "yes"}, r"train_missing\.dynamic"),
@@ -138,7 +153,11 @@ def test_setting_defaults_and_standard_settings():
     assert MissingSetting.from_config(None, "x") == MissingSetting(0.0, "both", 0.5, False)
     complete = standard_missing_setting("complete_training", 0.7, "text")
     assert complete["train_missing"]["missing_rate"] == 0.0
-    assert complete["test_missing"] == complete["val_missing"] == {"missing_rate": 0.7, "missing_type": "text", "both_ratio": 0.5}
+    assert (
+        complete["test_missing"]
+        == complete["val_missing"]
+        == {"missing_rate": 0.7, "missing_type": "text", "both_ratio": 0.5}
+    )
     missing = standard_missing_setting("missing_training")
     assert missing["train_missing"] == missing["test_missing"]
     with pytest.raises(ValueError, match="complete_training"):
@@ -147,7 +166,9 @@ def test_setting_defaults_and_standard_settings():
 
 def _table(tmp_path, ids, setting=MissingSetting(0.7, "both"), split="test", seed=0):
     path = tmp_path / (table_file_stem("toy", split, setting, seed) + ".csv")
-    return path, load_or_create_missing_table(path, ids, dataset="toy", split=split, setting=setting, seed=seed)
+    return path, load_or_create_missing_table(
+        path, ids, dataset="toy", split=split, setting=setting, seed=seed
+    )
 
 
 def test_table_is_persisted_with_sidecar_and_reloaded(tmp_path):
