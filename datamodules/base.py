@@ -52,7 +52,7 @@ from datamodules.missing import (
     sample_missing_table,
     table_file_stem,
 )
-from datamodules.transforms import build_image_transform, decode_image, image_filler
+from datamodules.transforms import build_image_transform, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,6 @@ class MissingModalityDataset(Dataset):
         empty_text_ids: Sequence[int],
         image_reader: ImageReader,
         transform,
-        filler: torch.Tensor,
         task: str,
         num_classes: int,
         on_bad_sample: str,
@@ -176,7 +175,6 @@ class MissingModalityDataset(Dataset):
         self.empty_text_ids = torch.tensor(list(empty_text_ids), dtype=torch.long)
         self.image_reader = image_reader
         self.transform = transform
-        self.filler = filler
         self.task = task
         self.num_classes = num_classes
         self.on_bad_sample = on_bad_sample
@@ -243,7 +241,7 @@ class MissingModalityDataset(Dataset):
                     self.flags[index] |= FLAG_TABLE_OVERRIDDEN
         return {
             "id": self.ids[index],
-            "image": image if image is not None else self.filler,
+            "image": image,  # uint8 [3, H, W], or None: the collate function puts the filler in
             "input_ids": self.token_ids(index) if text_present else self.empty_text_ids,
             "image_present": image_present,
             "text_present": text_present,
@@ -582,7 +580,6 @@ class MissingModalityDataModule(L.LightningDataModule):
             empty_text_ids=empty_ids,
             image_reader=image_reader,
             transform=transform,
-            filler=image_filler(data_config),
             task=self.task,
             num_classes=self.num_classes,
             on_bad_sample=self.on_bad_sample,
@@ -732,7 +729,14 @@ class MissingModalityDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            collate_fn=MissingModalityCollate(self.tokenizer.pad_token_id, self.task),
+            collate_fn=self.collate_fn(),
+        )
+
+    def collate_fn(self) -> MissingModalityCollate:
+        """The collate function of every loader (padding, batched normalisation, fillers)."""
+        config = self.data_config
+        return MissingModalityCollate(
+            self.tokenizer.pad_token_id, self.task, config["mean"], config["std"], config["input_size"][1:]
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,15 +1,21 @@
-"""Collation into the project's batch dict (see the brief / README "Batch").
+"""Collation into the project's batch dict (see the README "Batch").
 
-Per-sample items (from :class:`datamodules.base.MissingModalityDataset`) already carry token ids
+Per-sample items (from :class:`datamodules.base.MissingModalityDataset`) carry token ids
 (tokenised once at setup, truncated to ``max_text_len``; a missing text carries the token ids of the
-empty string) and a transformed image (the all-ones filler when the image is missing). Collation
-pads the token ids to the longest sequence of the batch (never longer than ``max_text_len``, since
-each sequence already is at most that) and stacks everything:
+empty string) and the resized, cropped image as a uint8 tensor (``None`` when the image is
+missing). Collation:
 
-- ``image`` float32 [B, 3, H, W], ``input_ids`` / ``attention_mask`` int64 [B, L],
-- ``image_present`` / ``text_present`` bool [B],
-- ``label`` int64 [B] (multiclass, binary) or float32 [B, C] multi-hot (multilabel),
-- ``id`` list[str].
+- pads the token ids to the longest sequence of the batch (never longer than ``max_text_len``,
+  since each sequence already is at most that) with the tokenizer's pad id;
+- normalises the images of the whole batch at once (``(x / 255 - mean) / std``, exactly what the
+  encoder's timm transform would do per sample, but one tensor operation per batch: per-sample
+  normalisation cost 20 ms per 112 px image on a busy 2-core CPU, batched 1 ms) and puts MAP's
+  missing-image filler, all ones *after* normalisation, in the rows without an image;
+- stacks everything:
+
+  ``image`` float32 [B, 3, H, W], ``input_ids`` / ``attention_mask`` int64 [B, L],
+  ``image_present`` / ``text_present`` bool [B], ``label`` int64 [B] (multiclass, binary) or
+  float32 [B, C] multi-hot (multilabel), ``id`` list[str].
 """
 
 from __future__ import annotations
@@ -26,11 +32,33 @@ class MissingModalityCollate:
     Args:
         pad_token_id: The tokenizer's padding id.
         task: ``"multiclass"``, ``"binary"`` or ``"multilabel"`` (label dtype and shape).
+        mean: Per-channel normalisation mean (on the [0, 1] scale) of the image encoder.
+        std: Per-channel normalisation std (on the [0, 1] scale) of the image encoder.
+        image_size: ``(H, W)`` of the images (the filler's size when no image of the batch is present).
     """
 
-    def __init__(self, pad_token_id: int, task: str) -> None:
+    def __init__(
+        self,
+        pad_token_id: int,
+        task: str,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        image_size: Sequence[int] = (224, 224),
+    ) -> None:
         self.pad_token_id = int(pad_token_id)
         self.task = task
+        self.mean = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+
+    def images(self, items: Sequence[dict]) -> torch.Tensor:
+        """Normalised float32 images [B, 3, H, W]; rows without an image are all ones."""
+        present = [i for i, item in enumerate(items) if item["image"] is not None]
+        out = torch.ones(len(items), 3, *self.image_size, dtype=torch.float32)
+        if present:
+            pixels = torch.stack([items[i]["image"] for i in present]).float().div_(255.0)
+            out[present] = pixels.sub_(self.mean).div_(self.std)
+        return out
 
     def __call__(self, items: Sequence[dict]) -> dict:
         if not items:
@@ -44,7 +72,7 @@ class MissingModalityCollate:
         else:
             label = torch.tensor([item["label"] for item in items], dtype=torch.long)
         return {
-            "image": torch.stack([item["image"] for item in items]).float(),
+            "image": self.images(items),
             "input_ids": input_ids.long(),
             "attention_mask": attention_mask,
             "image_present": torch.tensor([item["image_present"] for item in items], dtype=torch.bool),

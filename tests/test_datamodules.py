@@ -22,7 +22,6 @@ from datamodules import (
     MissingModalityDataModule,
     MMIMDbDataModule,
 )
-from datamodules.collate import MissingModalityCollate
 from datamodules.emoji_source import EmojiItem
 from datamodules.food101 import FOOD101_CLASSES
 from datamodules.missing import MissingTableError
@@ -352,9 +351,7 @@ def test_table_identical_across_constructions_workers_and_ranks(tmp_path, monkey
     seen = {}
     for rank in (0, 1):
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
-        loader = DataLoader(
-            dataset, batch_size=4, sampler=sampler, collate_fn=MissingModalityCollate(0, "binary")
-        )
+        loader = DataLoader(dataset, batch_size=4, sampler=sampler, collate_fn=first.collate_fn())
         shard = _presence_from(loader)
         assert len(shard) == 12 and not set(shard) & set(seen)
         seen.update(shard)
@@ -528,3 +525,35 @@ def test_workers_see_the_same_samples(tmp_path):
         assert a["id"] == b["id"]
         for key in ("image", "input_ids", "attention_mask", "image_present", "text_present", "label"):
             assert torch.equal(a[key], b[key]), key
+
+
+def test_batched_normalisation_equals_the_encoders_own_transform(tmp_path):
+    from timm.data import create_transform
+
+    from datamodules.transforms import decode_image
+
+    root = make_food101(tmp_path)
+    dm = Food101DataModule(
+        root=str(root), test_missing={"missing_rate": 0.5, "missing_type": "image"}, **TINY
+    )
+    dm.setup("test")
+    config = dm.data_config
+    assert config["mean"] == (0.5, 0.5, 0.5) and config["crop_pct"] == 0.95  # test_vit's, not a default
+    reference = create_transform(
+        input_size=config["input_size"],
+        is_training=False,
+        mean=config["mean"],
+        std=config["std"],
+        interpolation=config["interpolation"],
+        crop_pct=config["crop_pct"],
+    )
+    batch = next(iter(dm.test_dataloader()))
+    ds = dm.datasets["test"]
+    assert not bool(batch["image_present"].all()) and bool(batch["image_present"].any())
+    for row, sample_id in enumerate(batch["id"]):
+        if batch["image_present"][row]:
+            path = ds.image_reader.path(ds.images[ds.ids.index(sample_id)])
+            expected = reference(decode_image(str(path)))
+            torch.testing.assert_close(batch["image"][row], expected, atol=1e-5, rtol=0)
+        else:
+            assert bool((batch["image"][row] == 1).all())
