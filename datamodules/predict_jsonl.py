@@ -127,14 +127,14 @@ class JsonlPredictionDataset(Dataset):
     """Rows of a prediction JSONL file, preprocessed like a DataModule's samples.
 
     Items have the fields of ``MissingModalityDataset`` items (``id``, ``image``, ``input_ids``,
-    ``image_present``, ``text_present``, ``label``), so ``MissingModalityCollate`` batches them.
+    ``image_present``, ``text_present``, ``label``), so the DataModule's ``collate_fn()`` batches them.
 
     Args:
         path: the JSONL file.
         tokenizer: the text encoder's tokenizer.
         max_text_len: maximum tokens per text (special tokens included).
-        transform: PIL image -> normalised tensor (the evaluation transform of the image encoder).
-        filler: the missing-image filler tensor (3, H, W).
+        transform: PIL image -> uint8 tensor [3, H, W] (the DataModule's evaluation transform; the
+            collate function normalises and puts the filler in for missing images).
         task: ``multiclass``, ``multilabel`` or ``binary`` (shape of the placeholder label).
         num_classes: number of classes (multilabel placeholder width).
     """
@@ -145,14 +145,12 @@ class JsonlPredictionDataset(Dataset):
         tokenizer: Any,
         max_text_len: int,
         transform: Any,
-        filler: torch.Tensor,
         task: str,
         num_classes: int,
     ) -> None:
         self.path = Path(path)
         self.rows = read_prediction_rows(self.path)
         self.transform = transform
-        self.filler = filler
         self.task = task
         self.num_classes = num_classes
         texts = [row.text for row in self.rows if row.text is not None]
@@ -182,7 +180,7 @@ class JsonlPredictionDataset(Dataset):
         label: Any = torch.zeros(self.num_classes) if self.task == "multilabel" else -1  # no label at predict time
         return {
             "id": row.id,
-            "image": self.filler if row.image is None else self._image(row),
+            "image": None if row.image is None else self._image(row),
             "input_ids": self.empty_text_ids if self.token_ids[index] is None else self.token_ids[index],
             "image_present": row.image is not None,
             "text_present": row.text is not None,
@@ -208,16 +206,13 @@ def prediction_dataloader(
     ``datamodule`` is the training DataModule (a ``MissingModalityDataModule``): its tokenizer,
     ``max_text_len``, image data config, task, class count and batch settings are used.
     """
-    from datamodules.collate import MissingModalityCollate
-    from datamodules.transforms import build_image_transform, image_filler
+    from datamodules.transforms import build_image_transform
 
-    data_config = datamodule.data_config
     dataset = JsonlPredictionDataset(
         path,
         tokenizer=datamodule.tokenizer,
         max_text_len=datamodule.max_text_len,
-        transform=build_image_transform(data_config, train=False),
-        filler=image_filler(data_config),
+        transform=build_image_transform(datamodule.data_config, train=False),
         task=datamodule.task,
         num_classes=int(datamodule.num_classes),
     )
@@ -228,7 +223,7 @@ def prediction_dataloader(
         batch_size=batch_size or datamodule.batch_size,
         shuffle=False,
         num_workers=datamodule.num_workers if num_workers is None else num_workers,
-        collate_fn=MissingModalityCollate(datamodule.tokenizer.pad_token_id, datamodule.task),
+        collate_fn=datamodule.collate_fn(),
     )
 
 
