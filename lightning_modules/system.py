@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
-from torchmetrics import SumMetric
+from torchmetrics import Metric, SumMetric
 
 from lightning_modules.encoders import sources
 from lightning_modules.encoders.image import ImageEncoder
@@ -44,8 +44,10 @@ from lightning_modules.losses import (
     vicreg_loss,
 )
 from lightning_modules.metrics import (
+    IGNORE_INDEX,
     MISSING_CASES,
     build_metric_collection,
+    ignore_outside,
     metric_inputs,
     missing_case_masks,
     monitor_metric,
@@ -199,6 +201,7 @@ class UnipairSystem(LightningModule):
         self.head = FusionHead(image_dim, text_dim, head_hidden_dim, num_classes, head_dropout)
 
         base_metrics = build_metric_collection(task, num_classes, multilabel_threshold)
+        case_base_metrics = build_metric_collection(task, num_classes, multilabel_threshold, ignore_index=IGNORE_INDEX)
         # Keys are "<stage>_metrics" because ModuleDict keys may not shadow nn.Module.train.
         self.stage_metrics = nn.ModuleDict(
             {f"{stage}_metrics": base_metrics.clone(prefix=f"{stage}/") for stage in STAGES}
@@ -206,7 +209,7 @@ class UnipairSystem(LightningModule):
         self.case_metrics = nn.ModuleDict(
             {
                 f"{stage}_metrics": nn.ModuleDict(
-                    {case: base_metrics.clone(prefix=f"{stage}/{case}/") for case in MISSING_CASES}
+                    {case: case_base_metrics.clone(prefix=f"{stage}/{case}/") for case in MISSING_CASES}
                 )
                 for stage in CASE_STAGES
             }
@@ -363,6 +366,14 @@ class UnipairSystem(LightningModule):
 
     # --------------------------------------------------------------------------------- Lightning hooks
 
+    def setup(self, stage: str) -> None:
+        # Under ddp_spawn on CPU the module reaches each worker through shared memory. Lightning
+        # un-shares parameters and buffers, not torchmetrics states, so ranks would add into one
+        # another's counts; reset() gives every metric fresh, private state tensors.
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
+
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         losses, logits = self.compute_losses(batch)
         batch_size = logits.shape[0]
@@ -370,16 +381,15 @@ class UnipairSystem(LightningModule):
         for name, value in losses.items():
             self.log(
                 f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=batch_size,
-                prog_bar=name == "loss", sync_dist=not on_step,
+                prog_bar=name == "loss", sync_dist=True,
             )
         preds, target = metric_inputs(logits, batch["label"], self.hparams.task)
         self.stage_metrics[f"{stage}_metrics"].update(preds, target)
         if stage in CASE_STAGES:
             for case, mask in missing_case_masks(batch["image_present"], batch["text_present"]).items():
-                count = int(mask.sum())
-                self.case_counts[f"{stage}_metrics"][case].update(torch.tensor(float(count), device=self.device))
-                if count:  # torchmetrics' stat-score metrics do not take empty updates
-                    self.case_metrics[f"{stage}_metrics"][case].update(preds[mask], target[mask])
+                self.case_counts[f"{stage}_metrics"][case].update(mask.sum().float())
+                # Whole batch, other cases ignored: no empty updates, well-typed states on every rank.
+                self.case_metrics[f"{stage}_metrics"][case].update(preds, ignore_outside(target, mask))
         return losses["loss"]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -408,7 +418,9 @@ class UnipairSystem(LightningModule):
             # A rank may see no batch of a stage (tiny sets under DDP); the synced value is still right.
             warnings.filterwarnings("ignore", message=".*compute.*before the.*update.*")
             if any(m._update_count for m in collection.values()) or self._distributed():
-                self.log_dict(collection.compute())
+                # torchmetrics already synced these; sync_dist averages identical values (and keeps
+                # Lightning from warning about unsynced epoch-level logs).
+                self.log_dict(collection.compute(), sync_dist=True)
             collection.reset()
             if stage not in CASE_STAGES:
                 return
@@ -416,11 +428,12 @@ class UnipairSystem(LightningModule):
                 counter = self.case_counts[f"{stage}_metrics"][case]
                 metrics = self.case_metrics[f"{stage}_metrics"][case]
                 count = counter.compute()  # synced over ranks: the same decision on every rank
+
                 counter.reset()
                 if count > 0:
                     values = metrics.compute()
                     values[f"{stage}/{case}/num_samples"] = count.float()
-                    self.log_dict(values)
+                    self.log_dict(values, sync_dist=True)
                 metrics.reset()
 
     def on_train_epoch_end(self) -> None:

@@ -171,11 +171,11 @@ def _mean_task_loss(model, data) -> float:
 
 def test_fit_lowers_the_loss_and_checkpoint_reloads_exactly(tmp_path):
     seed_everything(0)
-    data = SyntheticDataModule(num_train=48, num_eval=24, batch_size=8, train_missing=[COMPLETE, COMPLETE, TEXT_MISSING, IMAGE_MISSING])
+    data = SyntheticDataModule(num_train=32, num_eval=16, batch_size=8, train_missing=[COMPLETE, COMPLETE, TEXT_MISSING, IMAGE_MISSING])
     model = tiny_system()
     before = _mean_task_loss(model, data)
     model.train()
-    trainer = _trainer(tmp_path, max_epochs=6, log_every_n_steps=1)
+    trainer = _trainer(tmp_path, max_epochs=4, log_every_n_steps=1, check_val_every_n_epoch=4)
     trainer.fit(model, datamodule=data)
     after = _mean_task_loss(model, data)
     assert after < 0.7 * before, (before, after)
