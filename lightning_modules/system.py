@@ -218,6 +218,7 @@ class UnipairSystem(LightningModule):
             {f"{stage}_metrics": nn.ModuleDict({case: SumMetric() for case in MISSING_CASES}) for stage in CASE_STAGES}
         )
         self._tokenizer: Any = None
+        self._filler_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------ properties
 
@@ -306,13 +307,19 @@ class UnipairSystem(LightningModule):
     def filler_embeddings(self, image_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """``{"z_v": [Dv], "z_t": [Dt]}``: the encoders' outputs for the filler image and the empty text.
 
-        Deterministic in eval mode (call ``model.eval()`` first); computed on each call, so compute it
-        once per evaluation. ``image_size`` defaults to the image backbone's input size (``img_size``).
+        Deterministic in eval mode (call ``model.eval()`` first). Cached in eval mode until a parameter
+        changes (an optimiser step or a state-dict load bumps the tensors' version counters).
+        ``image_size`` defaults to the image backbone's input size (``img_size``).
         """
+        fingerprint = (image_size, str(self.device), sum(p._version for p in self.parameters()))
+        if not self.training and self._filler_cache is not None and self._filler_cache[0] == fingerprint:
+            return dict(self._filler_cache[1])
         inputs = self.filler_inputs(image_size)
         image_out = self.image_encoder(inputs["image"])
         text_out = self.text_encoder(inputs["input_ids"], inputs["attention_mask"])
-        return {"z_v": image_out.embedding[0], "z_t": text_out.embedding[0]}
+        fillers = {"z_v": image_out.embedding[0], "z_t": text_out.embedding[0]}
+        self._filler_cache = None if self.training else (fingerprint, fillers)
+        return dict(fillers)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Logits ``[B, num_classes]`` for a batch in the project's batch format."""

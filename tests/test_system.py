@@ -118,6 +118,11 @@ def test_filler_embeddings_are_constant_in_eval_mode():
     inputs = model.filler_inputs()
     assert inputs["input_ids"].tolist() == [[101, 102]]  # [CLS] [SEP]: the tokenised empty string
     assert inputs["image"].shape == (1, 3, 32, 32) and bool((inputs["image"] == 1).all())
+    with torch.no_grad():
+        assert torch.equal(model.image_encoder(inputs["image"]).embedding[0], first["z_v"])
+        # A parameter change (as after an optimiser step or a checkpoint load) invalidates the cache.
+        model.image_encoder.task_prompts.tokens.add_(0.5)
+    assert not torch.equal(model.filler_embeddings()["z_v"], first["z_v"])
 
 
 @pytest.mark.parametrize("strategy", MISSING_STRATEGIES)
