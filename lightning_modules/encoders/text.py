@@ -5,9 +5,9 @@ The forward reproduces ``BertModel.forward`` (embeddings, then ``encoder.layer``
     [ CLS | task prompts (P) | words, SEP, padding | read-only tokens (R) ]
 
 Task prompts go right after [CLS] (the position embeddings are already added, so they carry no
-position). Each layer receives an additive 4-D attention mask ``[B, 1, T, T]`` (0 = attend,
-dtype-min = blocked), the form BERT's eager and SDPA attention both accept: padding keys are blocked
-for everyone, read-only keys for every non-read-only query.
+position). Each layer receives a 4-D attention mask ``[B, 1, T, T]``: boolean (True = attend) for
+SDPA attention, additive (0 = attend, dtype-min = blocked) for eager attention. Padding keys are
+blocked for everyone, read-only keys for every non-read-only query.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class TextEncoder(nn.Module):
         )
         self.peft_mode = peft_mode
         self.pooling = pooling
+        self._attention_implementation = implementation
         self.embed_dim = int(backbone.config.hidden_size)
         self.num_layers = len(backbone.encoder.layer)
         self.task_prompts, self.readonly_tokens = build_prompt_modules(
@@ -114,7 +115,9 @@ class TextEncoder(nn.Module):
         key_valid[:, words_start:words_end] = valid[:, 1:]
         readonly = torch.zeros(total, dtype=torch.bool, device=hidden.device)
         readonly[words_end:] = True
-        mask = additive_mask(readonly_attention_mask(readonly, key_valid), hidden.dtype)
+        allowed = readonly_attention_mask(readonly, key_valid)
+        # SDPA takes the boolean mask as is (whatever the autocast dtype of q/k); eager attention adds it.
+        mask = allowed if self._attention_implementation == "sdpa" else additive_mask(allowed, hidden.dtype)
 
         x = hidden
         for index, layer in enumerate(self.backbone.encoder.layer):
