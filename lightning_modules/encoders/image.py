@@ -109,19 +109,21 @@ class ImageEncoder(nn.Module):
             attn_mask = readonly_attention_mask(readonly)
 
         for index, block in enumerate(bb.blocks):
-            pieces = [x[:, :num_original]]
-            if num_prompts:
-                fresh = self.task_prompts.has_layer(index)
-                pieces.append(
-                    self.task_prompts.layer_tokens(index, batch_size, x.dtype) if fresh else x[:, num_original:prompt_end]
-                )
-            if num_readonly:
+            if index == 0:
                 # Read-only tokens enter once, at the input: nothing reads them, so tokens written at a
                 # later layer would discard (and leave without gradient) the earlier ones.
-                pieces.append(
-                    self.readonly_tokens.layer_tokens(0, batch_size, x.dtype) if index == 0 else x[:, prompt_end:]
-                )
-            x = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+                pieces = [x]
+                if num_prompts:
+                    pieces.append(self.task_prompts.layer_tokens(0, batch_size, x.dtype))
+                if num_readonly:
+                    pieces.append(self.readonly_tokens.layer_tokens(0, batch_size, x.dtype))
+                x = torch.cat(pieces, dim=1) if len(pieces) > 1 else x
+            elif num_prompts and self.task_prompts.has_layer(index):
+                # Fresh prompts overwrite the previous layer's prompt outputs in place of a slice; the
+                # other layers take the sequence as it is (re-slicing and re-concatenating it copied the
+                # activations and made backward build a zero-filled full-size gradient per slice).
+                prompts = self.task_prompts.layer_tokens(index, batch_size, x.dtype)
+                x = torch.slice_scatter(x, prompts, dim=1, start=num_original, end=prompt_end)
             x = block(x, attn_mask=attn_mask) if attn_mask is not None else block(x)
         x = bb.norm(x)
 

@@ -128,17 +128,12 @@ class TextEncoder(nn.Module):
                 pieces.append(x[:, 1:])
                 if num_readonly:
                     pieces.append(self.readonly_tokens.layer_tokens(0, batch_size, x.dtype))
-            else:
-                pieces = [x[:, :1]]
-                if num_prompts:
-                    fresh = self.task_prompts.has_layer(index)
-                    pieces.append(
-                        self.task_prompts.layer_tokens(index, batch_size, x.dtype) if fresh else x[:, 1:words_start]
-                    )
-                pieces.append(x[:, words_start:words_end])
-                if num_readonly:
-                    pieces.append(x[:, words_end:])
-            x = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+                x = torch.cat(pieces, dim=1) if len(pieces) > 1 else x
+            elif num_prompts and self.task_prompts.has_layer(index):
+                # Fresh prompts overwrite the previous layer's prompt outputs; other layers take the
+                # sequence as it is (no re-slicing and re-concatenating of the whole sequence).
+                prompts = self.task_prompts.layer_tokens(index, batch_size, x.dtype)
+                x = torch.slice_scatter(x, prompts, dim=1, start=1, end=words_start)
             x = layer(x, attention_mask=mask)
             if isinstance(x, tuple):  # older transformers return (hidden_states, ...)
                 x = x[0]
