@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric, SumMetric
 
@@ -59,6 +60,16 @@ LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine", "constant")
 STAGES: tuple[str, ...] = ("train", "val", "test")
 CASE_STAGES: tuple[str, ...] = ("val", "test")  # stages with the per-missing-case breakdown
 CHECKPOINT_OMITTED_KEY = "unipair_omitted_frozen_keys"
+CHECKPOINT_SKIPPED_KEY = "unipair_nonfinite_skipped_batches"
+NONFINITE_POLICIES: tuple[str, ...] = ("error", "skip")
+# Loss terms a non-finite value is reported by, components before the sums they make up.
+LOSS_COMPONENTS: tuple[str, ...] = (
+    "task_loss", "substitution_loss", "vicreg_invariance", "vicreg_variance", "vicreg_covariance",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss term or gradient (or an evaluation logit) is NaN or infinite."""
 
 
 class UnipairSystem(LightningModule):
@@ -110,6 +121,12 @@ class UnipairSystem(LightningModule):
         warmup_fraction: fraction of the total optimiser steps with linear warm-up from 0.
         lr_schedule: decay after warm-up: ``linear`` (to 0), ``cosine`` (to 0) or ``constant``.
         multilabel_threshold: probability threshold of the multilabel metrics.
+        nonfinite_policy: what a NaN/inf training loss term or gradient does: ``error`` stops training
+            with a message naming the global step and the term(s) (task, substitution, VICReg
+            invariance / variance / covariance) or parameters; ``skip`` skips that batch's optimizer
+            update instead (counted in ``train/nonfinite_skipped_batches``, warned with the same
+            details). Under DDP the decision is agreed across ranks, so all ranks skip together.
+            Non-finite logits in validation/test are always an error naming the sample ids.
     """
 
     def __init__(
@@ -147,6 +164,7 @@ class UnipairSystem(LightningModule):
         warmup_fraction: float = 0.1,
         lr_schedule: str = "linear",
         multilabel_threshold: float = 0.5,
+        nonfinite_policy: str = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -170,6 +188,10 @@ class UnipairSystem(LightningModule):
             raise ValueError(f"lr_schedule: unknown schedule {lr_schedule!r}; expected one of {list(LR_SCHEDULES)}")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        if nonfinite_policy not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite_policy: unknown policy {nonfinite_policy!r}; expected one of {list(NONFINITE_POLICIES)}"
+            )
 
         # Build the backbones under a fixed seed: a randomly initialised frozen backbone is then
         # identical every time the module is constructed (checkpoints do not store it).
@@ -219,6 +241,11 @@ class UnipairSystem(LightningModule):
         )
         self._tokenizer: Any = None
         self._filler_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        # Numerical safety: batches whose update was skipped (kept in checkpoints), and the batches
+        # / skips since the last optimizer step (gradient accumulation windows).
+        self.nonfinite_skipped_batches = 0
+        self._window_batches = 0
+        self._window_skipped = 0
 
     # ------------------------------------------------------------------------------------ properties
 
@@ -383,6 +410,13 @@ class UnipairSystem(LightningModule):
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         losses, logits = self.compute_losses(batch)
+        if stage == "train":
+            self._window_batches += 1
+            if self._nonfinite_losses(losses, batch):
+                self._window_skipped += 1
+                return self._skipped_batch_loss()
+        else:
+            self._check_finite_logits(logits, batch, stage)
         batch_size = logits.shape[0]
         on_step = stage == "train"
         for name, value in losses.items():
@@ -398,6 +432,120 @@ class UnipairSystem(LightningModule):
                 # Whole batch, other cases ignored: no empty updates, well-typed states on every rank.
                 self.case_metrics[f"{stage}_metrics"][case].update(preds, ignore_outside(target, mask))
         return losses["loss"]
+
+    # ---------------------------------------------------------------------------- numerical safety
+
+    def _any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of a float flag vector over DDP ranks (identity on one process).
+
+        Every rank then takes the same decision, so no rank skips a backward pass or raises alone
+        (which would leave the others waiting in a collective).
+        """
+        if self._distributed():
+            flags = flags.clone()
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return flags
+
+    def _where(self, batch: dict[str, Any]) -> str:
+        trainer = self._trainer
+        if trainer is None:
+            return "outside a Trainer"
+        return (
+            f"global step {self.global_step} (optimizer steps done), epoch {self.current_epoch}, "
+            f"batch {trainer.fit_loop.epoch_loop.batch_idx + 1} of the epoch"
+        )
+
+    def _nonfinite_losses(self, losses: dict[str, torch.Tensor], batch: dict[str, Any]) -> bool:
+        """Check every loss term; True when the batch must be skipped (policy ``skip``), raise (``error``).
+
+        One flag vector per step (term flags, then one flag per rank) is max-reduced over the ranks:
+        a single device sync, and the same answer on every rank.
+        """
+        names = list(losses)
+        values = torch.stack([losses[name].detach().float() for name in names])
+        bad = (~torch.isfinite(values)).float()
+        world = torch.distributed.get_world_size() if self._distributed() else 1
+        rank = torch.distributed.get_rank() if self._distributed() else 0
+        rank_flags = torch.zeros(world, device=bad.device)
+        rank_flags[rank] = bad.max()
+        flags = self._any_rank(torch.cat([bad, rank_flags])).tolist()
+        if not any(flags):
+            return False
+        term_flags, bad_ranks = flags[: len(names)], [r for r, f in enumerate(flags[len(names):]) if f]
+        bad_terms = [name for name, flag in zip(names, term_flags, strict=True) if flag]
+        components = [name for name in bad_terms if name in LOSS_COMPONENTS]
+        local = dict(zip(names, values.tolist(), strict=True))
+        if components:
+            what = "non-finite loss term(s): " + ", ".join(components)
+        else:
+            what = f"non-finite weighted sum ({', '.join(bad_terms)}) while every component is finite (overflow)"
+        ids = list(batch.get("id", []))[:8]
+        details = (
+            f"{what} at {self._where(batch)}"
+            + (f" on rank(s) {bad_ranks}" if world > 1 else "")
+            + f". Values on rank {rank}: " + ", ".join(f"{k}={v:.6g}" for k, v in local.items())
+            + f". Batch ids (first 8, rank {rank}): {ids}."
+        )
+        if self.hparams.nonfinite_policy == "error":
+            raise NonFiniteLossError(
+                f"Training stopped: {details} Lower the learning rate, check the inputs, or set "
+                "model.nonfinite_policy: skip to skip such batches (counted and logged)."
+            )
+        self.nonfinite_skipped_batches += 1
+        rank_zero_warn(
+            f"Skipping the update of this batch (nonfinite_policy=skip, {self.nonfinite_skipped_batches} "
+            f"skipped so far): {details}"
+        )
+        return True
+
+    def _skipped_batch_loss(self) -> torch.Tensor:
+        """A zero loss reaching every trainable parameter: backward (and DDP's gradient all-reduce) runs
+        as usual with zero gradients; ``on_before_optimizer_step`` then drops them so the optimizer
+        leaves the parameters and its moments untouched."""
+        return sum((param.sum() * 0.0 for param in self.parameters() if param.requires_grad), torch.zeros((), device=self.device))
+
+    def _check_finite_logits(self, logits: torch.Tensor, batch: dict[str, Any], stage: str) -> None:
+        bad_rows = ~torch.isfinite(logits.detach()).all(dim=-1)
+        if not self._any_rank(bad_rows.any().float().view(1)).item():
+            return
+        ids = batch.get("id")
+        rows = bad_rows.nonzero().flatten().tolist()
+        named = [ids[i] for i in rows] if ids is not None else rows
+        raise NonFiniteLossError(
+            f"{stage}: non-finite logits for sample(s) {named[:10]}"
+            + (f" (and {len(named) - 10} more)" if len(named) > 10 else "")
+            + ("" if named else " on another rank")
+            + "; the metrics would be meaningless. The weights or these inputs hold NaN/inf values."
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        window_batches, window_skipped = self._window_batches, self._window_skipped
+        self._window_batches = self._window_skipped = 0
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if window_batches and window_skipped == window_batches:
+            # Every batch of this update was skipped: no update at all (AdamW leaves parameters
+            # without a gradient untouched, moments and step counts included).
+            for param in params:
+                param.grad = None
+            return
+        if not params or str(self.trainer.precision).startswith("16"):
+            return  # fp16 mixed precision: the gradient scaler already skips steps with inf gradients
+        norms = torch._foreach_norm([p.grad for p in params])
+        finite = torch.isfinite(torch.stack(norms))
+        if bool(finite.all()):  # gradients are already all-reduced under DDP: the same answer on every rank
+            return
+        names = {id(p): n for n, p in self.named_parameters()}
+        bad = [names.get(id(p), "?") for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
+        details = f"non-finite gradient(s) at global step {self.global_step} in {len(bad)} parameter(s), e.g. {bad[:5]}"
+        if self.hparams.nonfinite_policy == "error":
+            raise NonFiniteLossError(
+                f"Training stopped: {details} (the loss terms were finite). Lower the learning rate, or set "
+                "model.nonfinite_policy: skip to skip such updates (counted and logged)."
+            )
+        self.nonfinite_skipped_batches += 1
+        rank_zero_warn(f"Skipping this update (nonfinite_policy=skip, {self.nonfinite_skipped_batches} skipped so far): {details}")
+        for param in params:
+            param.grad = None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -445,6 +593,8 @@ class UnipairSystem(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")
+        # The same count on every rank (skips are agreed), so the synced mean is the count.
+        self.log("train/nonfinite_skipped_batches", float(self.nonfinite_skipped_batches), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
@@ -502,6 +652,7 @@ class UnipairSystem(LightningModule):
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {key: value for key, value in state.items() if key not in frozen}
         checkpoint[CHECKPOINT_OMITTED_KEY] = len(state) - len(checkpoint["state_dict"])
+        checkpoint[CHECKPOINT_SKIPPED_KEY] = self.nonfinite_skipped_batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -523,3 +674,4 @@ class UnipairSystem(LightningModule):
         # Frozen weights are not stored: take them from the freshly built backbones.
         for key in missing:
             state[key] = own[key]
+        self.nonfinite_skipped_batches = int(checkpoint.get(CHECKPOINT_SKIPPED_KEY, 0))
