@@ -1,0 +1,325 @@
+"""Smoke tests of the benchmark scripts on tiny random models with tiny settings (fields of their JSON).
+
+The scripts live in ``benchmarks/`` (not a package); they are imported by path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import ablation  # noqa: E402
+import bench  # noqa: E402
+import device_pack  # noqa: E402
+import profile_step  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared CPU: one thread avoids waiting on a descheduled second one (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_BENCH = ["--encoders", "tiny", "--image-size", "32", "--batch-size", "4", "--text-len", "8", "--warmup", "0",
+              "--steps", "2", "--infer-steps", "1", "--isolation", "inprocess"]
+
+
+# -------------------------------------------------------------------------------------------- bench
+
+
+def test_synthetic_batch_follows_the_batch_format():
+    batch = bench.synthetic_batch(10, 32, 8, torch.device("cpu"))
+    complete = batch["image_present"] & batch["text_present"]
+    assert int(complete.sum()) >= 2  # VICReg needs statistics
+    assert bool((batch["image_present"] | batch["text_present"]).all())
+    missing_text = ~batch["text_present"]
+    assert missing_text.any() and (~batch["image_present"]).any()
+    # Missing text = tokenised empty string: [CLS] [SEP] then padding.
+    assert (batch["attention_mask"][missing_text].sum(1) == 2).all()
+    assert (batch["input_ids"][missing_text][:, :2] == torch.tensor([bench.CLS_ID, bench.SEP_ID])).all()
+    assert (batch["image"][~batch["image_present"]] == 1.0).all()
+
+
+def test_bench_writes_rows_summary_and_table(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main([*TINY_BENCH, "--modes", "prompt", "full", "--out", str(out)])
+    document = json.loads(out.read_text())
+    assert {"date", "command", "machine"} <= set(document["header"])
+    assert document["settings"]["batch_size"] == 4 and document["settings"]["image_size"] == 32
+    rows = {(r["mode"], r["predictor_length"]): r for r in document["rows"]}
+    assert set(rows) == {("prompt", 8), ("full", 8), ("prompt", 0)}
+    for row in rows.values():
+        for field in ("trainable_params", "total_params", "train_step_s", "train_samples_per_s", "infer_samples_per_s",
+                      "peak_memory_mb", "train_flops_per_sample", "infer_flops_per_sample",
+                      "train_fraction_of_matmul_rate", "matmul_flops_per_s"):
+            assert row[field] > 0, field
+        assert len(row["train_step_s_all"]) == 2
+        assert row["train_flops_per_sample"] > row["infer_flops_per_sample"]  # backward counted
+    assert rows[("full", 8)]["trainable_fraction"] == 1.0
+    assert rows[("prompt", 8)]["trainable_params"] < rows[("full", 8)]["trainable_params"]
+    assert rows[("prompt", 8)]["image_tokens"] - rows[("prompt", 0)]["image_tokens"] == 8
+    summary = document["summary"]
+    assert summary["prompt_vs_full_train_step_time_ratio"] == pytest.approx(
+        rows[("prompt", 8)]["train_step_s"] / rows[("full", 8)]["train_step_s"])
+    assert summary["predictor_overhead"]["extra_text_tokens"] == 8
+    table = out.with_suffix(".md").read_text()
+    assert "| prompt | 8 |" in table and "prompt / full training-step time" in table
+
+
+def test_bench_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes", "adapters"])
+
+
+@pytest.mark.slow
+def test_bench_measures_memory_in_fresh_processes(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [a for a in TINY_BENCH if a not in ("--isolation", "inprocess")]
+    bench.main([*args, "--modes", "frozen", "--no-predictor-overhead", "--isolation", "subprocess", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["memory_kind"] == "process_peak_rss"
+    assert row["peak_memory_mb"] >= row["rss_after_build_mb"] > 0
+
+
+# ----------------------------------------------------------------------------------- profile step
+
+
+def test_former_and_current_token_handling_are_identical():
+    """The speed-up keeps the encoders' outputs and gradients exactly (prompts at depth < layers)."""
+    args = profile_step.parse_args(["--image-backbone", "test_vit", "--text-backbone", "tiny-bert", "--random-init",
+                                    "--image-size", "32"])
+    former, _ = profile_step.build(args)
+    current, _ = profile_step.build(args)
+    current.load_state_dict(former.state_dict())
+    # Prompts only in the first layer, so later layers exercise the pass-through branch.
+    for system in (former, current):
+        system.image_encoder.task_prompts.depth = 1
+        system.text_encoder.task_prompts.depth = 1
+    profile_step.use_legacy_forward(former)
+    batch = bench.synthetic_batch(4, 32, 8, torch.device("cpu"))
+    former.eval(), current.eval()
+    outputs = []
+    for system in (former, current):
+        losses, logits = system.compute_losses(batch)
+        losses["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in system.named_parameters() if p.grad is not None}
+        outputs.append((logits.detach(), grads))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert outputs[0][1].keys() == outputs[1][1].keys()
+    for name in outputs[0][1]:
+        torch.testing.assert_close(outputs[0][1][name], outputs[1][1][name], rtol=1e-5, atol=1e-6)
+
+
+TINY_PROFILE = ["--image-backbone", "test_vit", "--text-backbone", "tiny-bert", "--random-init", "--synthetic-data",
+                "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "0"]
+
+
+def test_profile_step_reports_sections(tmp_path):
+    out = tmp_path / "profile.json"
+    profile_step.main([*TINY_PROFILE, "--skip", "before_after", "--operators", "0", "--out", str(out)])
+    sections = json.loads(out.read_text())["profile"]["median_s"]
+    for name in ("data", "forward: image_encoder", "forward: text_encoder", "forward: predictor_image_to_text",
+                 "backward (whole)", "optimizer step", "step total", "backward: image encoder alone"):
+        assert sections[name] >= 0, name
+    assert sections["step total"] > sections["forward: image_encoder"] > 0
+    assert not (out.parent / "profile_operators.txt").exists()
+
+
+@pytest.mark.slow
+def test_profile_step_writes_the_operator_table(tmp_path):
+    out = tmp_path / "profile.json"
+    profile_step.main([*TINY_PROFILE, "--skip", "before_after", "--operators", "10", "--out", str(out)])
+    assert (out.parent / "profile_operators.txt").read_text().count("aten::") >= 5
+
+
+def test_profile_step_before_after_side_by_side(tmp_path):
+    out = tmp_path / "profile.json"
+    document = profile_step.main([*TINY_PROFILE, "--skip", "profile", "--out", str(out)])
+    comparison = json.loads(out.read_text())["before_after"]
+    assert comparison["max_abs_logit_difference"] == 0.0
+    assert comparison["loss_former"] == comparison["loss_current"]
+    for what in ("train_step", "encoders_forward_backward"):
+        assert set(comparison[what]["median_s"]) >= {"former", "current"}
+        assert len(comparison[what]["ratios_vs_former"]["current"]) == 2
+        assert comparison[what]["speedup_vs_former"]["former"] == 1.0
+    assert "speed-up vs former" in document["markdown"]
+
+
+# --------------------------------------------------------------------------------------- ablation
+
+
+def _synthetic_data(path: Path, n_train: int = 12, n_eval: int = 9, size: int = 32) -> Path:
+    """A data file in the ablation's format: 3 classes learnable from either modality."""
+    generator = torch.Generator().manual_seed(0)
+    templates = torch.randn(3, 3, size, size, generator=generator)
+    splits, presence = {}, {}
+    for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
+        labels = torch.arange(n) % 3
+        lengths = torch.full((n,), 4)
+        input_ids = torch.stack([torch.tensor([101, 2000 + int(c), 2010 + int(c), 102]) for c in labels])
+        splits[split] = {"ids": [f"{split}-{i}" for i in range(n)], "keys": [f"{split}-{i}" for i in range(n)],
+                         "labels": labels, "images": templates[labels] + 0.1 * torch.randn(n, 3, size, size, generator=generator),
+                         "input_ids": input_ids, "lengths": lengths}
+        codes = torch.arange(n) % 3  # 0 complete, 1 text missing, 2 image missing
+        for missing_type in ("text", "image", "both"):
+            image = codes != 2 if missing_type != "text" else torch.ones(n, dtype=torch.bool)
+            text = codes != 1 if missing_type != "image" else torch.ones(n, dtype=torch.bool)
+            presence[f"{split}/{missing_type}/0.7"] = (image, text)
+    data = {"settings": {}, "source": "test", "label_names": ["a", "b", "c"], "num_classes": 3, "pad_id": 0,
+            "empty_ids": [101, 102], "transform": "", "splits": splits, "presence": presence}
+    torch.save(data, path)
+    return path
+
+
+def _tiny_ablation_args(tmp_path: Path, data: Path, *only: str) -> list[str]:
+    return ["--encoders", "tiny", "--data", str(data), "--image-size", "32", "--device", "cpu", "--seeds", "0",
+            "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "8", "--out", str(tmp_path / "out"),
+            "--only", *only]
+
+
+def test_ablation_rows_oracle_gap_and_resume(tmp_path):
+    data = _synthetic_data(tmp_path / "data.pt")
+    args = _tiny_ablation_args(tmp_path, data, "missing", "predict", "zero", "oracle")
+    document = ablation.main(args)
+    rows = document["rows"]
+    assert set(document["row_fields"]) <= set(rows[0])
+    # predict, zero and the oracle on every test setting, val and test, both metrics.
+    for variant in ("predict", "zero", "oracle"):
+        for split in ("val", "test"):
+            for test_type, rate in ablation.TEST_SETTINGS:
+                matching = [r for r in rows if r["variant"] == variant and r["split"] == split
+                            and r["test_type"] == test_type and r["rate"] == rate and r["metric"] == "accuracy"]
+                assert len(matching) == 1, (variant, split, test_type, rate)
+                assert 0.0 <= matching[0]["value"] <= 1.0
+    assert {r["setting"] for r in rows} == {"missing"}
+    assert all(r["seed"] == 0 for r in rows)
+    gaps = [g for g in document["gap_closed"] if g["variant"] == "predict"]
+    assert {g["test_type"] for g in gaps} == {"text", "image", "both"}
+    for g in gaps:
+        if g["gap_closed"] is not None:
+            assert g["gap_closed"] == pytest.approx((g["strategy_mean"] - g["zero_mean"]) / (g["oracle_mean"] - g["zero_mean"]))
+    cells = sorted((tmp_path / "out" / "cells").glob("*.json"))
+    assert len(cells) == 5  # predict, zero and the three oracle models
+    assert "| predict |" in (tmp_path / "out" / "ablation.md").read_text()
+
+    # Re-run: every cell is found and skipped; same rows.
+    mtimes = [c.stat().st_mtime_ns for c in cells]
+    again = ablation.main(args)
+    assert again["timing"]["cells_run_now"] == 0
+    assert [c.stat().st_mtime_ns for c in cells] == mtimes
+    assert again["rows"] == rows
+
+
+def test_oracle_combines_the_unimodal_models_per_missing_case():
+    labels = [0, 1, 2]
+    # The fused model is right only on sample 0, the image-only one only on 1, the text-only one only on 2.
+    cells = []
+    for variant, right in (("oracle_fused", 0), ("oracle_image", 1), ("oracle_text", 2)):
+        logits = [[0.0] * 3 for _ in range(3)]
+        for i in range(3):
+            logits[i][labels[i] if i == right else (labels[i] + 1) % 3] = 1.0
+        cells.append({"cell": {"setting": "missing", "variant": variant, "seed": 0},
+                      "component_logits": {"val": logits, "test": logits}, "labels": {"val": labels, "test": labels}})
+    # Sample 0 complete, 1 text missing (image only), 2 image missing (text only).
+    image = torch.tensor([True, True, False])
+    text = torch.tensor([True, False, True])
+    presence = {f"{s}/{t}/0.7": (image, text) for s in ("val", "test") for t in ("text", "image", "both")}
+    rows = ablation.oracle_rows(cells, {"presence": presence})
+    accuracy = {(r["split"], r["test_type"], r["rate"]): r["value"] for r in rows if r["metric"] == "accuracy"}
+    assert accuracy[("test", "both", 0.7)] == pytest.approx(1.0)
+    assert accuracy[("test", "none", 0.0)] == pytest.approx(1 / 3)  # the fused model alone
+
+
+def test_cell_list_filters_and_orders_seed_major():
+    args = ablation.parse_args(["--seeds", "0", "1", "--only", "complete", "switches"])
+    cells = ablation.cell_list(args)
+    assert [c["seed"] for c in cells] == sorted(c["seed"] for c in cells)
+    assert {c["variant"] for c in cells} == set(ablation.SWITCHES)
+    assert {c["setting"] for c in cells} == {"complete"}
+    assert all(c["strategy"] == "predict" for c in cells)
+    with pytest.raises(SystemExit):
+        ablation.cell_list(ablation.parse_args(["--only", "nonsense"]))
+
+
+def test_batch_gather_fills_missing_modalities():
+    split = {"ids": ["a", "b", "c"], "keys": ["a", "b", "c"], "labels": torch.tensor([0, 1, 2]),
+             "images": torch.zeros(3, 3, 4, 4), "input_ids": torch.tensor([[101, 7, 8, 102], [101, 9, 102, 0], [101, 5, 102, 0]]),
+             "lengths": torch.tensor([4, 3, 3])}
+    gather = ablation.BatchGather(split, torch.tensor([0, 1, 2]), torch.tensor([True, False, True]),
+                                  torch.tensor([False, True, True]), [101, 102], 0, torch.device("cpu"))
+    batch = gather([1, 2])
+    assert batch["id"] == ["b", "c"]
+    assert (batch["image"][0] == 1.0).all() and (batch["image"][1] == 0.0).all()  # filler for the missing image
+    assert batch["input_ids"].shape == (2, 3)  # padded to the batch's longest
+    full = gather([0])
+    assert full["input_ids"].tolist() == [[101, 102]]  # missing text = tokenised empty string
+    assert full["attention_mask"].tolist() == [[1, 1]]
+
+
+# ----------------------------------------------------------------------------------- device pack
+
+
+def test_pack_store_roundtrip_bf16_and_checksum(tmp_path):
+    values = torch.randn(5, 7)
+    arrays = {"w": (values.numpy(), "bf16"), "ids": (np.arange(6, dtype=np.int64), "raw")}
+    device_pack.write_store(tmp_path / "s", arrays, {"note": 1})
+    loaded, document = device_pack.read_store(tmp_path / "s")
+    assert document["note"] == 1
+    assert torch.equal(torch.from_numpy(loaded["w"]), values.to(torch.bfloat16).float())  # exactly bf16 rounding
+    assert loaded["ids"].tolist() == list(range(6))
+    payload = bytearray((tmp_path / "s.bin").read_bytes())
+    payload[3] ^= 0xFF
+    (tmp_path / "s.bin").write_bytes(bytes(payload))
+    with pytest.raises(ValueError, match="checksum"):
+        device_pack.read_store(tmp_path / "s")
+
+
+def test_pack_matmul_parameters_are_linear_and_conv_only():
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    assert device_pack._matmul_parameter_names(module) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_system_from_pack_refuses_other_encoders(tmp_path):
+    with pytest.raises(ValueError, match="dinov2-s14"):
+        device_pack.system_from_pack(tmp_path, {"image_backbone": "test_vit", "text_backbone": "minilm-l6"})
+
+
+@pytest.mark.slow
+def test_exported_pack_equals_the_cache_under_bf16_autocast(tmp_path, prepared_emoji_cache, prepared_dinov2_cache):
+    """The pack's data are the DataModule's, and its encoders compute like the cached ones under bf16 autocast."""
+    pack = tmp_path / "pack"
+    device_pack.export_pack(pack, image_size=56, max_text_len=32, root=None)
+    settings = {"image_size": 56, "max_text_len": 32, "label": "group", "missing_seed": 0}
+    from_pack = device_pack.tensors_from_pack(pack, settings)
+    from_dm = ablation.build_tensors_from_datamodule(settings, None)
+    for split in ("train", "val", "test"):
+        for key in ("images", "input_ids", "lengths", "labels"):
+            assert torch.equal(from_pack["splits"][split][key], from_dm["splits"][split][key]), (split, key)
+    from lightning_modules.system import UnipairSystem
+
+    kwargs = {"task": "multiclass", "num_classes": 9, "image_backbone": "dinov2-s14", "text_backbone": "minilm-l6",
+              "img_size": 56}
+    reference = UnipairSystem(**kwargs).eval()
+    packed = device_pack.system_from_pack(pack, kwargs).eval()
+    packed.load_state_dict({k: v for k, v in reference.state_dict().items() if ".backbone." not in k}, strict=False)
+    split = from_dm["splits"]["val"]
+    batch = {"image": split["images"][:2], "input_ids": split["input_ids"][:2, : int(split["lengths"][:2].max())]}
+    batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < split["lengths"][:2, None]).long()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = reference.encode(batch), packed.encode(batch)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
