@@ -27,6 +27,8 @@ a new run without a fixed version gets a new ``version_<N>`` folder, so nothing 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # Imported so that short class names (``--data EmojiDataModule``) resolve.
 import datamodules.emoji  # noqa: F401
@@ -41,6 +44,7 @@ import datamodules.food101  # noqa: F401
 import datamodules.hateful_memes  # noqa: F401
 import datamodules.mmimdb  # noqa: F401
 from datamodules.base import MissingModalityDataModule
+from lightning_modules.callbacks import EvaluationCoverage, ResumeState
 from lightning_modules.robustness import DEFAULT_MISSING_RATES, DEFAULT_MISSING_TYPES
 from lightning_modules.system import UnipairSystem
 
@@ -86,6 +90,9 @@ class UnipairTrainer(Trainer):
     ):
         """Predict with a checkpoint: on the DataModule's test split, or on a JSONL file of raw inputs.
 
+        With ``predict_file`` or ``output_file``, the predictions are written as JSONL (id, label
+        names, scores; see ``datamodules/predict_jsonl.py``); prediction runs on one device then.
+
         Args:
             model: The model.
             dataloaders: Dataloaders (Lightning's predict; not with ``predict_file``).
@@ -96,33 +103,43 @@ class UnipairTrainer(Trainer):
             weights_only: ``torch.load``'s ``weights_only`` for the checkpoint (Lightning's default when null).
             predict_file: A JSONL file of rows with optional ``image`` (path, relative to the file's
                 folder or absolute), optional ``text`` and optional ``id``; each row needs an image or a text.
-            output_file: Where to write the predictions (JSONL). Default: ``<predict_file
-                without .jsonl>.predictions.jsonl`` next to the input.
+            output_file: Where to write the predictions (JSONL). Default with ``predict_file``:
+                ``<predict_file without .jsonl>.predictions.jsonl`` next to the input. Without
+                ``predict_file``, the predictions on the DataModule's test split go there.
         """
-        if predict_file is None:
-            if output_file is not None:
-                raise ValueError("--output_file is only used with --predict_file")
+        if predict_file is None and output_file is None:
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
         from datamodules.predict_jsonl import JsonlPredictionWriter, prediction_dataloader
 
         if dataloaders is not None:
-            raise ValueError("give either --predict_file or dataloaders, not both")
+            raise ValueError("--predict_file / --output_file write predictions of the DataModule or of a JSONL file, not of dataloaders")
         if datamodule is None:
-            raise ValueError("--predict_file needs the run's DataModule (--config of the run, or --data) for preprocessing")
-        predict_path = Path(predict_file)
-        output = Path(output_file) if output_file else predict_path.with_name(
-            predict_path.name.removesuffix(".jsonl") + ".predictions.jsonl"
-        )
-        if output.resolve() == predict_path.resolve():
-            raise ValueError(f"--output_file {output} would overwrite the input --predict_file")
-        loader = prediction_dataloader(predict_path, datamodule)
+            raise ValueError("--predict_file / --output_file need the run's DataModule (--config of the run, or --data)")
+        if predict_file is not None:
+            predict_path = Path(predict_file)
+            output = Path(output_file) if output_file else predict_path.with_name(
+                predict_path.name.removesuffix(".jsonl") + ".predictions.jsonl"
+            )
+            if output.resolve() == predict_path.resolve():
+                raise ValueError(f"--output_file {output} would overwrite the input --predict_file")
+            loader = prediction_dataloader(predict_path, datamodule)
+            line_of = loader.dataset.line_of
+        else:  # the DataModule's predict split (its test split, with its test missing setting)
+            output, loader, line_of = Path(output_file), None, None
         writer = JsonlPredictionWriter(
-            output, datamodule.label_names, datamodule.task, line_of=loader.dataset.line_of,
+            output, datamodule.label_names, datamodule.task, line_of=line_of,
             threshold=getattr(model.hparams, "multilabel_threshold", 0.5) if model is not None else 0.5,
         )
         self.callbacks.append(writer)
         try:
-            super().predict(model, dataloaders=loader, return_predictions=False, ckpt_path=ckpt_path, weights_only=weights_only)
+            super().predict(
+                model,
+                dataloaders=loader,
+                datamodule=datamodule if loader is None else None,
+                return_predictions=False,
+                ckpt_path=ckpt_path,
+                weights_only=weights_only,
+            )
         finally:
             self.callbacks.remove(writer)
         print(f"wrote {writer.written} predictions to {output}")
@@ -201,6 +218,10 @@ class UnipairCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Exact resume (random states, last.ckpt on SIGTERM and every epoch) and exact evaluation
+        # coverage under DDP: see lightning_modules/callbacks.py.
+        parser.add_lightning_class_args(ResumeState, "resume")
+        parser.add_lightning_class_args(EvaluationCoverage, "evaluation_coverage")
         parser.set_defaults(
             {
                 "checkpoint.mode": "max",
@@ -313,8 +334,15 @@ def check_missing_settings(config: Any) -> None:
 
 
 def cli_main(args: ArgsType = None) -> None:
-    """Entry point of the ``unipair`` console script and of ``python cli.py`` (returns None: exit status 0)."""
-    make_cli(args)
+    """Entry point of the ``unipair`` console script and of ``python cli.py`` (returns None: exit status 0).
+
+    A run stopped by SIGTERM (after saving ``last.ckpt``) exits with status 143 (128 + SIGTERM);
+    Lightning itself would exit with 0, which a scheduler or shell script reads as "finished".
+    """
+    try:
+        make_cli(args)
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from datamodules.collate import MissingModalityCollate
 from datamodules.missing import (
@@ -51,6 +51,12 @@ from datamodules.missing import (
     load_or_create_missing_table,
     sample_missing_table,
     table_file_stem,
+)
+from datamodules.sampling import (
+    EpochShuffleSampler,
+    EvenShardBatchSampler,
+    ResumableDataLoader,
+    default_shuffle_seed,
 )
 from datamodules.transforms import build_image_transform, decode_image
 
@@ -295,6 +301,9 @@ class MissingModalityDataModule(L.LightningDataModule):
         train_augment: Random resized crop (scale 0.6-1) and horizontal flip on the train split.
         on_bad_sample: ``error`` (raise naming file, sample and field) or ``missing`` (count it and
             treat that modality as missing). Bad labels and samples with neither modality always raise.
+        shuffle_seed: Seed of the train order: epoch ``e`` is a permutation drawn from
+            ``(shuffle_seed, e)``, the same on any number of processes and after a resume.
+            ``null``: the seed of ``seed_everything`` (``PL_GLOBAL_SEED``), else 0.
     """
 
     dataset_name: str = "dataset"
@@ -320,6 +329,7 @@ class MissingModalityDataModule(L.LightningDataModule):
         max_text_len: int = 128,
         train_augment: bool = False,
         on_bad_sample: str = "error",
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -365,6 +375,7 @@ class MissingModalityDataModule(L.LightningDataModule):
         self.max_text_len = max_text_len
         self.train_augment = train_augment
         self.on_bad_sample = on_bad_sample
+        self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.datasets: dict[str, MissingModalityDataset] = {}
         self.labels_available: dict[str, bool] = {}
         self.index_time_counts: dict[str, Counter] = {}
@@ -719,18 +730,39 @@ class MissingModalityDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------- dataloaders
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """The loader of ``split``: resumable (seeded per-epoch order, position checkpointed) for
+        train, every sample exactly once with equal batch counts per process for evaluation (see
+        :mod:`datamodules.sampling`). ``shuffle`` applies to train only."""
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         dataset = self.datasets[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
+        seed = self.shuffle_seed if self.shuffle_seed is not None else default_shuffle_seed()
+        common = dict(
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             collate_fn=self.collate_fn(),
+            # Own generator for worker seeds: iterating never advances the global random state.
+            generator=torch.Generator().manual_seed(seed),
         )
+        if split == "train":
+            world, rank = self._train_shards()
+            sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+            return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
+        batches = EvenShardBatchSampler(SequentialSampler(dataset), self.batch_size)
+        return DataLoader(dataset, batch_sampler=batches, **common)
+
+    def _train_shards(self) -> tuple[int, int]:
+        """(processes, rank) to shard the train split over: the Trainer's when it distributes the
+        data (``use_distributed_sampler``, Lightning's default), else (1, 0)."""
+        trainer = self.trainer
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        if world <= 1:
+            return 1, 0
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if not getattr(connector, "use_distributed_sampler", True):
+            return 1, 0
+        return world, trainer.global_rank
 
     def collate_fn(self) -> MissingModalityCollate:
         """The collate function of every loader (padding, batched normalisation, fillers)."""
