@@ -193,10 +193,14 @@ def cell_list(args: argparse.Namespace) -> list[dict[str, Any]]:
         unknown = only - known
         if unknown:
             raise SystemExit(f"--only: unknown names {sorted(unknown)}; expected some of {sorted(known)}")
+    # Within a seed: the strategies, then the oracle, then the switches (a run cut short keeps the
+    # comparisons that matter most).
+    groups = {name: g for g, members in VARIANT_GROUPS.items() for name in members}
+    variants.sort(key=lambda v: ("strategies", "oracle", "switches").index(groups[v[0]]))
     cells = []
     for seed in args.seeds:
-        for setting in SETTINGS:
-            for name, strategy, options in variants:
+        for name, strategy, options in variants:
+            for setting in SETTINGS:
                 if only:
                     groups = {g for g, members in VARIANT_GROUPS.items() if name in members}
                     wanted_variants = only - set(SETTINGS)
@@ -511,6 +515,50 @@ def gap_closed(rows: list[dict], split: str = "test") -> list[dict]:
     return out
 
 
+# The method's switches and the values their ablation variants stand for (``predict`` = the defaults
+# the system had when the ablation ran: substitution off, stop-gradient off, lambda 1).
+DECISIONS: dict[str, dict[str, Any]] = {
+    "substitution": {"predict": False, "substitution": True},
+    "stop_grad_target": {"predict": False, "stop_grad": True},
+    "pred_loss_weight": {"lambda_0": 0.0, "lambda_0.1": 0.1, "predict": 1.0, "lambda_10": 10.0},
+}
+
+
+def decide_defaults(rows: list[dict]) -> dict[str, dict]:
+    """For each switch, the value whose variant has the best **val** accuracy.
+
+    Score = mean over both training settings and the three eta = 70 % test types (text, image,
+    both) of the seed-mean val accuracy; the test score (same average) is reported next to it.
+    Only variants with every (setting, test type) present take part.
+    """
+    tables = {split: summary_table(rows, split) for split in ("val", "test")}
+
+    def score(split: str, variant: str) -> float | None:
+        values = []
+        for setting in SETTINGS:
+            for test_type, rate in TEST_SETTINGS:
+                if rate == 0.0:
+                    continue
+                cell = tables[split].get((setting, variant, test_type, rate))
+                if not cell:
+                    return None
+                values.append(statistics.fmean(cell))
+        return statistics.fmean(values)
+
+    decisions = {}
+    for option, variants in DECISIONS.items():
+        scored = {v: score("val", v) for v in variants}
+        scored = {v: s for v, s in scored.items() if s is not None}
+        if len(scored) < 2:
+            continue
+        best = max(scored, key=scored.get)
+        decisions[option] = {
+            "value": variants[best], "variant": best,
+            "val_score": scored, "test_score": {v: score("test", v) for v in scored},
+        }
+    return decisions
+
+
 def markdown(document: dict) -> str:
     rows = document["rows"]
     header = document["header"]
@@ -565,6 +613,16 @@ def markdown(document: dict) -> str:
                     cells.append("" if g is None or g["gap_closed"] is None else f"{g['gap_closed']:.2f}")
                 lines.append(f"| {setting} | {variant} | " + " | ".join(cells) + " |")
             lines.append("")
+    decisions = document.get("defaults", {})
+    if decisions:
+        lines += ["**Defaults decided on val** (mean accuracy over both training settings and text/image/both at 70%)", "",
+                  "| option | chosen | val score per value | test score per value |", "|---|---|---|---|"]
+        for option, d in decisions.items():
+            values = DECISIONS[option]
+            val = ", ".join(f"{values[v]}: {s:.3f}" for v, s in d["val_score"].items())
+            test = ", ".join(f"{values[v]}: {s:.3f}" for v, s in d["test_score"].items())
+            lines.append(f"| {option} | {d['value']} | {val} | {test} |")
+        lines.append("")
     times = document.get("timing", {})
     if times:
         lines.append(
@@ -595,6 +653,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="minutes after which no new cell starts (0 = none); the rest stays for a re-run")
+    parser.add_argument("--aggregate-only", action="store_true", help="train nothing; tabulate the finished cells")
     parser.add_argument("--limit-train-samples", type=int, default=0, help="train on the first N samples only (tests)")
     parser.add_argument("--root", default=None, help="unipair cache folder holding emoji/ (default $UNIPAIR_CACHE)")
     parser.add_argument("--pack", default=None, help="device pack folder (benchmarks/device_pack.py) instead of the cache")
@@ -631,6 +690,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"with {args.jobs} job(s)", file=sys.stderr, flush=True)
     args_dict = vars(args)
     deadline = started + 60 * args.time_budget if args.time_budget else math.inf
+    if args.aggregate_only:
+        deadline = -math.inf
     failures: list[dict] = []
     ran: list[dict] = []
     if args.jobs == 1:
@@ -667,6 +728,7 @@ def main(argv: list[str] | None = None) -> dict:
                           if not any(d["cell"] == c for d in done)],
         "rows": rows,
         "gap_closed": gap_closed(rows),
+        "defaults": decide_defaults(rows),
         "timing": {"cells_done": len(done), "cells_run_now": len(cell_times),
                    "median_cell_s": statistics.median(cell_times) if cell_times else 0.0,
                    "cell_s": cell_times, "wall_s": time.perf_counter() - started},

@@ -323,3 +323,23 @@ def test_exported_pack_equals_the_cache_under_bf16_autocast(tmp_path, prepared_e
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
 
+
+
+def test_defaults_are_decided_on_val_means():
+    rows = []
+    val_scores = {"predict": 0.6, "substitution": 0.7, "stop_grad": 0.5, "lambda_0.1": 0.65, "lambda_10": 0.55}
+    for variant, value in val_scores.items():
+        for setting in ablation.SETTINGS:
+            for test_type, rate in ablation.TEST_SETTINGS:
+                for seed in (0, 1):
+                    for split, v in (("val", value + 0.01 * seed), ("test", 1.0 - value)):
+                        rows.append({"setting": setting, "variant": variant, "test_type": test_type, "rate": rate,
+                                     "split": split, "metric": "accuracy", "seed": seed, "value": v})
+    rows = [r for r in rows if not (r["variant"] == "lambda_0.1" and r["setting"] == "complete")]  # incomplete
+    decisions = ablation.decide_defaults(rows)
+    assert decisions["substitution"]["value"] is True
+    assert decisions["substitution"]["val_score"]["substitution"] == pytest.approx(0.705)
+    assert decisions["substitution"]["test_score"]["predict"] == pytest.approx(0.4)
+    assert decisions["stop_grad_target"]["value"] is False
+    assert decisions["pred_loss_weight"]["value"] == 1.0  # lambda_0.1 lacks a setting: not a candidate
+    assert set(decisions["pred_loss_weight"]["val_score"]) == {"predict", "lambda_10"}
