@@ -95,7 +95,8 @@ def data_settings(args: argparse.Namespace) -> dict[str, Any]:
 def build_tensors_from_datamodule(settings: dict[str, Any], root: str | None) -> dict[str, Any]:
     """Decode the emoji splits through ``EmojiDataModule`` into tensors, with the protocol's presence masks.
 
-    Images and tokens are exactly what the DataModule's loaders yield (its dataset items); the
+    Images and tokens are exactly what the DataModule's loaders yield: its dataset items (per-sample
+    transform, tokens) through its own collate function (batched normalisation, padding); the
     presence masks come from its missing tables (persisted next to the data, seed ``missing_seed``).
     """
     from datamodules.emoji import EmojiDataModule
@@ -104,17 +105,20 @@ def build_tensors_from_datamodule(settings: dict[str, Any], root: str | None) ->
               "label": settings["label"], "missing_seed": settings["missing_seed"], "num_workers": 0}
     complete = EmojiDataModule(**common)
     complete.setup()
+    collate = complete.collate_fn()
     splits = {}
     for split in ("train", "val", "test"):
         ds = complete.datasets[split]
         items = [ds[i] for i in range(len(ds))]
         if not all(item["image_present"] and item["text_present"] for item in items):
             raise RuntimeError(f"emoji {split}: expected every sample complete at eta = 0")
-        splits[split] = _split_tensors(
-            ids=list(ds.ids), keys=list(ds.keys), labels=[int(item["label"]) for item in items],
-            images=torch.stack([item["image"] for item in items]),
-            token_ids=[item["input_ids"] for item in items], pad_id=complete.tokenizer.pad_token_id,
-        )
+        batch = collate(items)
+        if batch["id"] != list(ds.ids):
+            raise RuntimeError(f"emoji {split}: collated ids differ from the dataset's order")
+        splits[split] = {
+            "ids": list(ds.ids), "keys": list(ds.keys), "labels": batch["label"], "images": batch["image"],
+            "input_ids": batch["input_ids"], "lengths": batch["attention_mask"].sum(dim=1),
+        }
     presence = {}
     for missing_type in ("text", "image", "both"):
         setting = {"missing_rate": 0.7, "missing_type": missing_type}
@@ -138,18 +142,6 @@ def build_tensors_from_datamodule(settings: dict[str, Any], root: str | None) ->
         "transform": repr(complete.datasets["train"].transform),
         "splits": splits,
         "presence": presence,
-    }
-
-
-def _split_tensors(ids, keys, labels, images, token_ids, pad_id) -> dict[str, Any]:
-    from torch.nn.utils.rnn import pad_sequence
-
-    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
-    return {
-        "ids": ids, "keys": keys, "labels": torch.tensor(labels, dtype=torch.long), "images": images.float(),
-        "input_ids": pad_sequence([torch.as_tensor(t, dtype=torch.long) for t in token_ids], batch_first=True,
-                                  padding_value=pad_id),
-        "lengths": lengths,
     }
 
 
@@ -721,6 +713,7 @@ def main(argv: list[str] | None = None) -> dict:
         "format_version": JSON_FORMAT_VERSION,
         "header": header,
         "config": config,
+        "data": {"source": data["source"], "transform_check": data.get("transform_check", "identical")},
         "row_fields": ["setting", "strategy", "variant", "options", "seed", "split", "test_type", "rate", "metric", "value"],
         "seeds_done": sorted({doc["cell"]["seed"] for doc in done}),
         "cells_expected": len(cells),

@@ -14,8 +14,10 @@ no unipair cache, and what travels to it is limited to 64 MiB. The pack holds (a
 - ``minilm/``: MiniLM's config, tokenizer files and pooling config (no weights).
 - ``emoji.json`` + ``emoji.bin``: the three splits decoded by ``EmojiDataModule`` (64x64 RGB
   composited on white as uint8, token ids, labels, ids) and the presence masks of the protocol's
-  missing tables that the ablation uses. The image transform is rebuilt from the encoder's data
-  config on load (timm, PIL), giving the DataModule's tensors exactly (checked at export).
+  missing tables that the ablation uses. On load the per-sample transform is rebuilt from the
+  encoder's data config (timm, PIL) and the project's collate normalises; at export the result is
+  checked equal, tensor for tensor, to what the DataModule yields, and a few transformed samples
+  are kept to check the transform where the pack is loaded.
 
 Export here (needs the cache: ``make assets``)::
 
@@ -43,6 +45,7 @@ import benchutil  # noqa: E402  (puts the project root on sys.path)
 import torch  # noqa: E402
 
 PACK_FORMAT_VERSION = 1
+REFERENCE_SAMPLES = 4  # per split: transformed images kept to check the transform where the pack is loaded
 SPECIAL_TOKEN_IDS = (0, 100, 101, 102, 103)  # [PAD] [UNK] [CLS] [SEP] [MASK] of the BERT uncased vocabulary
 MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                 "1_Pooling/config.json")
@@ -153,15 +156,10 @@ def export_pack(out: Path, image_size: int, max_text_len: int, root: str | None)
         arrays[f"{split}/labels"] = (np.array([int(label) for label in ds.labels], dtype=np.int64), "raw")
         lists[f"{split}/ids"] = list(ds.ids)
         lists[f"{split}/keys"] = list(ds.keys)
-        # Exactness check of the rebuilt transform on a few samples.
-        transform = _image_transform(image_size)
-        from PIL import Image
-
-        for i in range(0, len(ds), max(1, len(ds) // 5)):
-            expected = ds[i]["image"]
-            got = transform(Image.fromarray(images[i]))
-            if not torch.equal(expected, got):
-                raise RuntimeError(f"device pack: rebuilt transform differs from the DataModule's on {split} sample {ds.ids[i]}")
+        # A few samples after the per-sample transform, to check it on the machine that loads the pack.
+        reference = [i for i in range(0, len(ds), max(1, len(ds) // REFERENCE_SAMPLES))][:REFERENCE_SAMPLES]
+        arrays[f"{split}/reference_rows"] = (np.array(reference, dtype=np.int64), "raw")
+        arrays[f"{split}/reference_u8"] = (np.stack([ds[i]["image"].numpy() for i in reference]), "raw")
     for missing_type in ("text", "image", "both"):
         setting = {"missing_rate": 0.7, "missing_type": missing_type}
         dm = EmojiDataModule(**common, train_missing=setting, val_missing=setting, test_missing=setting)
@@ -174,11 +172,29 @@ def export_pack(out: Path, image_size: int, max_text_len: int, root: str | None)
             arrays[f"presence/{split}/{missing_type}/0.7/text"] = (ds.text_present.astype(np.bool_), "raw")
     empty_ids = [int(t) for t in complete.datasets["train"].empty_text_ids.tolist()]
     used_tokens.update(empty_ids)
+    config = complete.data_config
     write_store(out / "emoji", arrays, {
         "settings": settings, "lists": lists, "label_names": list(complete.label_names),
         "num_classes": int(complete.num_classes), "pad_id": int(complete.tokenizer.pad_token_id),
         "empty_ids": empty_ids, "transform": repr(complete.datasets["train"].transform),
+        "mean": list(config["mean"]), "std": list(config["std"]), "input_size": list(config["input_size"]),
     })
+    # The pack's data must be the DataModule's, tensor for tensor.
+    from ablation import build_tensors_from_datamodule
+
+    expected, got = build_tensors_from_datamodule(settings, root), tensors_from_pack(out, settings)
+    if got["transform_check"] != "identical":
+        raise RuntimeError(f"device pack: {got['transform_check']}")
+    for split in ("train", "val", "test"):
+        for key in ("ids", "keys"):
+            if expected["splits"][split][key] != got["splits"][split][key]:
+                raise RuntimeError(f"device pack: {split} {key} differ from the DataModule's")
+        for key in ("images", "input_ids", "lengths", "labels"):
+            if not torch.equal(expected["splits"][split][key], got["splits"][split][key]):
+                raise RuntimeError(f"device pack: {split} {key} differ from the DataModule's")
+    for key, masks in expected["presence"].items():
+        if not all(torch.equal(a, b) for a, b in zip(masks, got["presence"][key], strict=True)):
+            raise RuntimeError(f"device pack: presence masks {key} differ from the DataModule's")
 
     # --- encoders
     image_backbone = sources.create_image_backbone("dinov2-s14", pretrained=True, img_size=image_size)
@@ -224,28 +240,45 @@ def _image_transform(image_size: int):
 
 
 def tensors_from_pack(pack: Path, settings: dict) -> dict[str, Any]:
-    """The ablation's data dict (see ``ablation.build_tensors_from_datamodule``) from a pack."""
+    """The ablation's data dict (see ``ablation.build_tensors_from_datamodule``) from a pack.
+
+    Images go through the per-sample transform rebuilt from the encoder's data config and the
+    project's collate normalisation. ``transform_check`` says whether the transform reproduces the
+    reference samples stored at export (another timm/PIL version may resize slightly differently:
+    then the run goes on and the difference is recorded, not hidden).
+    """
     from PIL import Image
+
+    from datamodules.collate import MissingModalityCollate
 
     arrays, document = read_store(pack / "emoji")
     if document["settings"] != settings:
         raise ValueError(f"device pack {pack}: built for {document['settings']}, but the run asks for {settings}; "
                          "export a pack with matching --image-size / --max-text-len")
     transform = _image_transform(settings["image_size"])
-    if repr(transform) != document["transform"]:
-        raise ValueError(f"device pack {pack}: the image transform here differs from the one at export:\n"
-                         f"{repr(transform)}\nvs\n{document['transform']}")
+    collate = MissingModalityCollate(document["pad_id"], "multiclass", document["mean"], document["std"],
+                                     document["input_size"][1:])
     splits = {}
+    mismatches = []
     for split in ("train", "val", "test"):
-        images = arrays[f"{split}/images_u8"]
+        pixels = [transform(Image.fromarray(image)) for image in arrays[f"{split}/images_u8"]]
+        for row, reference in zip(arrays[f"{split}/reference_rows"], arrays[f"{split}/reference_u8"], strict=True):
+            if not torch.equal(pixels[int(row)], torch.from_numpy(reference)):
+                diff = (pixels[int(row)].int() - torch.from_numpy(reference).int()).abs().max()
+                mismatches.append(f"{split} row {int(row)} (max |difference| {int(diff)})")
         splits[split] = {
             "ids": document["lists"][f"{split}/ids"],
             "keys": document["lists"][f"{split}/keys"],
             "labels": torch.from_numpy(arrays[f"{split}/labels"]),
-            "images": torch.stack([transform(Image.fromarray(image)) for image in images]).float(),
+            "images": collate.images([{"image": p} for p in pixels]),
             "input_ids": torch.from_numpy(arrays[f"{split}/input_ids"].astype(np.int64)),
             "lengths": torch.from_numpy(arrays[f"{split}/lengths"]),
         }
+    check = "identical"
+    if mismatches:
+        check = (f"the image transform here differs from the one at export on {len(mismatches)} reference samples: "
+                 f"{mismatches[:3]} (transform here {transform!r})")
+        print(f"device pack: WARNING: {check}", file=sys.stderr)
     presence = {}
     for name in arrays:
         if name.startswith("presence/") and name.endswith("/image"):
@@ -254,7 +287,7 @@ def tensors_from_pack(pack: Path, settings: dict) -> dict[str, Any]:
     return {
         "settings": settings, "source": f"device pack {pack}", "label_names": document["label_names"],
         "num_classes": document["num_classes"], "pad_id": document["pad_id"], "empty_ids": document["empty_ids"],
-        "transform": document["transform"], "splits": splits, "presence": presence,
+        "transform": document["transform"], "transform_check": check, "splits": splits, "presence": presence,
     }
 
 
