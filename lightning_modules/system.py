@@ -59,6 +59,7 @@ from lightning_modules.predictor import PredictorHead
 LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine", "constant")
 STAGES: tuple[str, ...] = ("train", "val", "test")
 CASE_STAGES: tuple[str, ...] = ("val", "test")  # stages with the per-missing-case breakdown
+EVAL_SAMPLE_COUNT = "num_samples"  # key of the evaluated-sample counter next to the loss sums
 CHECKPOINT_OMITTED_KEY = "unipair_omitted_frozen_keys"
 CHECKPOINT_SKIPPED_KEY = "unipair_nonfinite_skipped_batches"
 NONFINITE_POLICIES: tuple[str, ...] = ("error", "skip")
@@ -239,6 +240,19 @@ class UnipairSystem(LightningModule):
         self.case_counts = nn.ModuleDict(
             {f"{stage}_metrics": nn.ModuleDict({case: SumMetric() for case in MISSING_CASES}) for stage in CASE_STAGES}
         )
+        # Validation/test loss means over the whole split, as sample-weighted sums and a sample count
+        # synced by torchmetrics. (Lightning's epoch mean under DDP syncs the counts as an integer
+        # *mean*, truncated on gloo: wrong when processes hold different numbers of samples, as with
+        # the unpadded evaluation shards. torchmetrics 1.9's MeanMetric ignores weights when told to
+        # keep NaN.) NaN stays NaN: nothing is dropped silently.
+        self.eval_loss_sums = nn.ModuleDict(
+            {
+                f"{stage}_metrics": nn.ModuleDict(
+                    {name: SumMetric(nan_strategy="disable") for name in [*self.loss_names(), EVAL_SAMPLE_COUNT]}
+                )
+                for stage in CASE_STAGES
+            }
+        )
         self._tokenizer: Any = None
         self._filler_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
         # Numerical safety: batches whose update was skipped (kept in checkpoints), and the batches
@@ -248,6 +262,14 @@ class UnipairSystem(LightningModule):
         self._window_skipped = 0
 
     # ------------------------------------------------------------------------------------ properties
+
+    def loss_names(self) -> list[str]:
+        """Names of the loss terms :meth:`compute_losses` returns for this configuration."""
+        names = ["substitution_loss"] if self.hparams.substitution else []
+        names.append("task_loss")
+        if self.has_predictor:
+            names += ["pred_loss", "vicreg_invariance", "vicreg_variance", "vicreg_covariance"]
+        return [*names, "loss"]
 
     @property
     def monitor(self) -> str:
@@ -418,12 +440,17 @@ class UnipairSystem(LightningModule):
         else:
             self._check_finite_logits(logits, batch, stage)
         batch_size = logits.shape[0]
-        on_step = stage == "train"
-        for name, value in losses.items():
-            self.log(
-                f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=batch_size,
-                prog_bar=name == "loss", sync_dist=True,
-            )
+        if stage == "train":
+            for name, value in losses.items():
+                self.log(
+                    f"{stage}/{name}", value, on_step=True, on_epoch=True, batch_size=batch_size,
+                    prog_bar=name == "loss", sync_dist=True,
+                )
+        else:
+            sums = self.eval_loss_sums[f"{stage}_metrics"]
+            for name, value in losses.items():
+                sums[name].update(value.detach().float() * batch_size)
+            sums[EVAL_SAMPLE_COUNT].update(float(batch_size))
         preds, target = metric_inputs(logits, batch["label"], self.hparams.task)
         self.stage_metrics[f"{stage}_metrics"].update(preds, target)
         if stage in CASE_STAGES:
@@ -458,31 +485,32 @@ class UnipairSystem(LightningModule):
     def _nonfinite_losses(self, losses: dict[str, torch.Tensor], batch: dict[str, Any]) -> bool:
         """Check every loss term; True when the batch must be skipped (policy ``skip``), raise (``error``).
 
-        One flag vector per step (term flags, then one flag per rank) is max-reduced over the ranks:
-        a single device sync, and the same answer on every rank.
+        A [ranks x terms] flag matrix (each rank fills its row) is max-reduced over the ranks: a single
+        device sync, the same decision on every rank, and a message saying which term went
+        non-finite on which rank (the VICReg terms use the global batch, so a NaN row of one rank
+        makes them NaN on every rank; the task loss is per rank).
         """
         names = list(losses)
         values = torch.stack([losses[name].detach().float() for name in names])
-        bad = (~torch.isfinite(values)).float()
         world = torch.distributed.get_world_size() if self._distributed() else 1
         rank = torch.distributed.get_rank() if self._distributed() else 0
-        rank_flags = torch.zeros(world, device=bad.device)
-        rank_flags[rank] = bad.max()
-        flags = self._any_rank(torch.cat([bad, rank_flags])).tolist()
-        if not any(flags):
+        flags = torch.zeros(world, len(names), device=values.device)
+        flags[rank] = (~torch.isfinite(values)).float()
+        flags = self._any_rank(flags).tolist()
+        if not any(any(row) for row in flags):
             return False
-        term_flags, bad_ranks = flags[: len(names)], [r for r, f in enumerate(flags[len(names):]) if f]
-        bad_terms = [name for name, flag in zip(names, term_flags, strict=True) if flag]
+        ranks_of = {name: [r for r in range(world) if flags[r][i]] for i, name in enumerate(names)}
+        bad_terms = [name for name in names if ranks_of[name]]
         components = [name for name in bad_terms if name in LOSS_COMPONENTS]
-        local = dict(zip(names, values.tolist(), strict=True))
+        where = (lambda name: f" (rank(s) {ranks_of[name]})") if world > 1 else (lambda name: "")
         if components:
-            what = "non-finite loss term(s): " + ", ".join(components)
+            what = "non-finite loss term(s): " + ", ".join(name + where(name) for name in components)
         else:
             what = f"non-finite weighted sum ({', '.join(bad_terms)}) while every component is finite (overflow)"
+        local = dict(zip(names, values.tolist(), strict=True))
         ids = list(batch.get("id", []))[:8]
         details = (
             f"{what} at {self._where(batch)}"
-            + (f" on rank(s) {bad_ranks}" if world > 1 else "")
             + f". Values on rank {rank}: " + ", ".join(f"{k}={v:.6g}" for k, v in local.items())
             + f". Batch ids (first 8, rank {rank}): {ids}."
         )
@@ -579,6 +607,14 @@ class UnipairSystem(LightningModule):
             collection.reset()
             if stage not in CASE_STAGES:
                 return
+            sums = self.eval_loss_sums[f"{stage}_metrics"]
+            if sums[EVAL_SAMPLE_COUNT]._update_count or self._distributed():
+                count = sums[EVAL_SAMPLE_COUNT].compute()
+                for name, total in sums.items():
+                    if name != EVAL_SAMPLE_COUNT:
+                        self.log(f"{stage}/{name}", total.compute() / count, prog_bar=name == "loss", sync_dist=True)
+            for total in sums.values():
+                total.reset()
             for case in MISSING_CASES:
                 counter = self.case_counts[f"{stage}_metrics"][case]
                 metrics = self.case_metrics[f"{stage}_metrics"][case]
