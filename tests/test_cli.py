@@ -8,6 +8,7 @@ and the tiny random encoders of ``configs/model/tiny.yaml``.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -30,9 +31,17 @@ BASE = ["--config", str(CONFIGS / "data" / "emoji.yaml"), "--config", str(CONFIG
 
 
 def make_cli(args: list[str]) -> cli.UnipairCLI:
-    """Run the CLI in-process with ``args`` (sys.argv set to match, as if typed on the command line)."""
-    with patch.object(sys, "argv", ["unipair", *args]):
-        return cli.make_cli(args)
+    """Run ``cli.cli_main(args)`` in-process (sys.argv set to match) and return the CLI object it built."""
+    built: list[cli.UnipairCLI] = []
+    real_make_cli = cli.make_cli
+
+    def keep(cli_args):
+        built.append(real_make_cli(cli_args))
+        return built[-1]
+
+    with patch.object(sys, "argv", ["unipair", *args]), patch.object(cli, "make_cli", keep):
+        assert cli.cli_main(args) is None  # the console script's exit status is 0
+    return built[-1]
 
 
 def _exit_output(args: list[str], capsys) -> str:
@@ -232,3 +241,34 @@ def test_python_cli_py_and_console_script(tmp_path):
         pytest.skip("the unipair console script is not installed in this environment (pip install -e .)")
     result = subprocess.run([str(script), "fit", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0 and "--trainer.max_epochs" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_driver_leaves_the_run_folders_and_the_comparison(tmp_path, prepared_emoji_cache, capsys):
+    """scripts/demo.py end to end on the real emoji data with the tiny encoders and 2 training batches."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unipair_demo", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "demo"
+    with patch.object(sys, "argv", ["demo.py"]):
+        demo.main(
+            ["--out", str(out), "--model-config", str(CONFIGS / "model" / "tiny.yaml"), "--image-size", "32",
+             "--epochs", "1", "--limit-train-batches", "2",
+             "--extra", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+             "--data.init_args.missing_table_dir", str(tmp_path / "tables")]
+        )
+    printed = capsys.readouterr().out
+    for strategy in ("predict", "zero"):
+        (run_dir,) = (out / strategy).iterdir()
+        assert (run_dir / "config.yaml").is_file() and list(run_dir.glob("events.out.tfevents.*"))
+        assert list((run_dir / "checkpoints").glob("best-*.ckpt")) and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        for name in ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "config.yaml"):
+            assert (run_dir / "robustness" / name).is_file(), name
+        rows = json.loads((run_dir / "robustness" / "robustness.json").read_text())["rows"]
+        assert {r["strategy"] for r in rows} == {strategy} and len({(r["missing_type"], r["missing_rate"]) for r in rows}) == 33
+    comparison = (out / "comparison.md").read_text()
+    assert "| missing type | missing rate | predict | zero | predict − zero |" in comparison
+    assert comparison.count("| both |") == 11 and "mean accuracy over eta 10-100%" in comparison
+    assert comparison in printed

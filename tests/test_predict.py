@@ -179,3 +179,12 @@ def test_predict_errors_on_unreadable_image_naming_file_and_line(trained):
     with pytest.raises(PredictionInputError, match=r"broken.jsonl line 3 \(id '3'\): field 'image': .*broken.png could not be read"):
         _predict(trained, rows_path, output)
     assert not output.exists()
+
+
+@pytest.mark.slow
+def test_predict_on_the_datamodule_test_split_with_output_file(trained):
+    output = trained["tmp"] / "test-split-predictions.jsonl"
+    predicted = make_cli(["predict", *trained["common"], "--ckpt_path", trained["ckpt"], "--output_file", str(output)])
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["id"] for r in records] == predicted.datamodule.datasets["test"].ids
+    assert all("line" not in r and set(r["scores"]) == {"not_hateful", "hateful"} for r in records)
