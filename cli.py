@@ -238,6 +238,32 @@ class UnipairCLI(LightningCLI):
         parser.link_arguments("model.init_args.text_backbone", "data.init_args.text_encoder")
         parser.link_arguments("model.init_args.img_size", "data.init_args.image_size")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's step that takes the model's hyperparameters from ``--ckpt_path``, plus: a file that
+        is not a readable Lightning checkpoint is a clear error naming it, and every model setting the
+        checkpoint replaces is reported (Lightning replaces them silently)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "best", a missing file: Lightning's handling
+            return super()._parse_ckpt_path()
+        check_checkpoint_file(ckpt_path)
+        before = _init_args(self.config[subcommand].get("model"))
+        super()._parse_ckpt_path()
+        after = _init_args(self.config[subcommand].get("model"))
+        linked_from_data = ("task", "num_classes")  # set from the DataModule when the classes are built
+        replaced = {
+            key: (before[key], after[key])
+            for key in after
+            if key in before and key not in linked_from_data and before[key] != after[key]
+        }
+        if replaced:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path}: the model is built with the checkpoint's hyperparameters; these settings "
+                f"of the config/command line were replaced (given -> checkpoint): {replaced}"
+            )
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
         check_encoder_names(config)
@@ -249,6 +275,34 @@ class UnipairCLI(LightningCLI):
         config = self.config["robustness"]
         out = Path(config.out_dir) if config.out_dir else default_robustness_dir(config.ckpt_path)
         self._parser("robustness").save(config, out / "config.yaml", skip_unset=False, overwrite=True, multifile=False)
+
+
+def _init_args(model_config: Any) -> dict:
+    if model_config is None:
+        return {}
+    init_args = model_config.get("init_args") if hasattr(model_config, "get") else None
+    return dict(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args or {})
+
+
+def check_checkpoint_file(ckpt_path: str | os.PathLike) -> None:
+    """Fail with a clear message when ``ckpt_path`` is not a readable Lightning checkpoint (a truncated
+    copy, another kind of file, a plain ``torch.save`` of weights)."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip/pickle errors of many types: all mean "not a readable checkpoint"
+        # First sentence only: torch's longer advice (e.g. "re-run with weights_only=False") does not apply.
+        first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: cannot be read as a checkpoint ({type(error).__name__}: {first[:200]}). "
+            "Is it a complete .ckpt file written by `unipair fit` (not truncated by a copy or a full disk)?"
+        ) from error
+    required = ("state_dict", "pytorch-lightning_version")
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (expected the keys {list(required)}, found {keys}); "
+            "pass a .ckpt file written by `unipair fit`"
+        )
 
 
 def check_encoder_names(config: Any) -> None:

@@ -95,12 +95,15 @@ class ArrowImageReader(ImageReader):
         return f"arrow file {self.path} row {ref} column '{self.column}'"
 
 
-def texts_of(value: Any) -> list[str | None]:
-    """A row's texts as a list: MAP stores lists of strings; a plain string or null is accepted."""
+def texts_of(value: Any, where: str = "") -> list[str | None]:
+    """A row's texts as a list: MAP stores lists of strings; a plain string or null is accepted.
+
+    ``where`` (file, row, column) goes into the error for any other value.
+    """
     if value is None:
         return [None]
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, tuple)):
         return list(value) if value else [None]
-    raise TypeError(f"expected a string or a list of strings, got {type(value).__name__}")
+    raise TypeError(f"{where + ': ' if where else ''}expected a string or a list of strings, got {type(value).__name__}")

@@ -86,6 +86,24 @@ class BadSampleError(ValueError):
     """An input sample is unusable (message names file, sample id, field and what was expected)."""
 
 
+def read_text_file(path: str | os.PathLike) -> str:
+    """A whole index/annotation file as UTF-8 text (a leading UTF-8 byte-order mark is dropped).
+
+    Bytes that are not UTF-8 are an error naming the file, the line and the byte, instead of a bare
+    ``UnicodeDecodeError`` from somewhere inside a reader (nothing is guessed or replaced).
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(
+            f"{path} line {line}, byte {column}: not valid UTF-8 ({exc.reason}, byte {data[exc.start:exc.start + 1]!r}); "
+            "expected UTF-8 text. Re-encode the file (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class SampleRecord:
     """One row of a split as a reader lists it (nothing decoded yet).
@@ -297,7 +315,8 @@ class MissingModalityDataModule(L.LightningDataModule):
             defines the image transforms.
         text_encoder: Text encoder name; its tokenizer tokenises the texts.
         image_size: Square input resolution; ``null``: the encoder's native size.
-        max_text_len: Maximum tokens per text, special tokens included (longer texts are truncated).
+        max_text_len: Maximum tokens per text, special tokens included (longer texts are truncated
+            to their first tokens; the count per split is logged and kept in ``truncated_text_counts``).
         train_augment: Random resized crop (scale 0.6-1) and horizontal flip on the train split.
         on_bad_sample: ``error`` (raise naming file, sample and field) or ``missing`` (count it and
             treat that modality as missing). Bad labels and samples with neither modality always raise.
@@ -379,6 +398,7 @@ class MissingModalityDataModule(L.LightningDataModule):
         self.datasets: dict[str, MissingModalityDataset] = {}
         self.labels_available: dict[str, bool] = {}
         self.index_time_counts: dict[str, Counter] = {}
+        self.truncated_text_counts: dict[str, int] = {}
         self.missing_table_paths: dict[str, Path | None] = {}
         self.dynamic_skipped = 0
         self._dynamic_cache: tuple[int, dict[str, int]] | None = None
@@ -476,6 +496,12 @@ class MissingModalityDataModule(L.LightningDataModule):
         image_ok = np.ones(n, dtype=bool)
         text_ok = np.ones(n, dtype=bool)
         for i, rec in enumerate(records):
+            if rec.text is not None and not isinstance(rec.text, str):
+                # A malformed source (a number or an object where a text belongs), not a missing text.
+                raise BadSampleError(
+                    f"{split} sample {rec.id!r}: field 'text' ({rec.text_source}) is a {type(rec.text).__name__} "
+                    f"({str(rec.text)[:60]!r}); expected a string"
+                )
             if rec.image is None or not image_reader.exists(rec.image):
                 image_ok[i] = False
                 flags[i] |= FLAG_IMAGE_ABSENT
@@ -531,16 +557,17 @@ class MissingModalityDataModule(L.LightningDataModule):
                 f"{self.text_encoder!r} tokenizer"
             )
         usable = np.flatnonzero(text_ok)
-        encoded = (
-            tokenizer(
-                [records[i].text for i in usable],
-                truncation=True,
-                max_length=self.max_text_len,
-                return_attention_mask=False,
-            )["input_ids"]
-            if len(usable)
-            else []
-        )
+        encoded, truncated = self._tokenize([records[i].text for i in usable])
+        self.truncated_text_counts[split] = len(truncated)
+        if truncated:
+            log.info(
+                "%s %s split: %d text(s) longer than max_text_len=%d tokens were truncated to it, e.g. sample %r",
+                type(self).__name__,
+                split,
+                len(truncated),
+                self.max_text_len,
+                records[usable[truncated[0]]].id,
+            )
         lengths = np.zeros(n, dtype=np.int64)
         lengths[usable] = [len(t) for t in encoded]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -596,6 +623,31 @@ class MissingModalityDataModule(L.LightningDataModule):
             on_bad_sample=self.on_bad_sample,
             flags=flags,
         )
+
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids of ``texts`` truncated to ``max_text_len``, and the positions of the truncated ones.
+
+        The tokenizer reports overflow (fast tokenizers: extra rows per text, mapped back by
+        ``overflow_to_sample_mapping``; slow ones: ``overflowing_tokens``); the first row of a text
+        is exactly what plain truncation gives.
+        """
+        if not texts:
+            return [], []
+        out = self.tokenizer(
+            texts, truncation=True, max_length=self.max_text_len, return_attention_mask=False,
+            return_overflowing_tokens=True,
+        )
+        if "overflow_to_sample_mapping" in out:
+            encoded: list = [None] * len(texts)
+            truncated: set[int] = set()
+            for row, index in enumerate(out["overflow_to_sample_mapping"]):
+                if encoded[index] is None:
+                    encoded[index] = out["input_ids"][row]
+                else:
+                    truncated.add(index)
+            return encoded, sorted(truncated)
+        overflow = out.get("overflowing_tokens") or [[] for _ in texts]
+        return list(out["input_ids"]), [i for i, extra in enumerate(overflow) if len(extra)]
 
     def _check_ids_and_labels(self, split: str, records: list[SampleRecord]) -> None:
         seen: set[str] = set()

@@ -17,10 +17,17 @@ val table; labels are class indices in the alphabetical order of :data:`FOOD101_
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from datamodules.arrow import ArrowImageReader, find_arrow_file, open_arrow_table, require_columns, texts_of
-from datamodules.base import FileImageReader, ImageReader, MissingModalityDataModule, SampleRecord
+from datamodules.base import (
+    FileImageReader,
+    ImageReader,
+    MissingModalityDataModule,
+    SampleRecord,
+    read_text_file,
+)
 from datamodules.missing import derive_seed, rank_by_hash
 
 FOOD101_CLASSES = (
@@ -108,7 +115,7 @@ class Food101DataModule(MissingModalityDataModule):
                 f"UPMC Food-101: {csv_path} not found; root must hold texts/{source_split}_titles.csv"
             )
         records = []
-        with open(csv_path, encoding="utf-8", newline="") as handle:
+        with io.StringIO(read_text_file(csv_path), newline="") as handle:
             for line_no, row in enumerate(csv.reader(handle), start=1):
                 if not row:
                     continue
@@ -146,7 +153,7 @@ class Food101DataModule(MissingModalityDataModule):
             zip(table.column("text").to_pylist(), table.column("label").to_pylist(), strict=True)
         ):
             key = str(ids[row]) if ids is not None else f"row{row}"
-            texts = texts_of(texts)
+            texts = texts_of(texts, f"arrow file {path} row {row} column 'text'")
             for k, text in enumerate(texts):
                 records.append(
                     SampleRecord(

@@ -19,7 +19,13 @@ import json
 from pathlib import Path
 
 from datamodules.arrow import ArrowImageReader, find_arrow_file, open_arrow_table, require_columns, texts_of
-from datamodules.base import FileImageReader, ImageReader, MissingModalityDataModule, SampleRecord
+from datamodules.base import (
+    FileImageReader,
+    ImageReader,
+    MissingModalityDataModule,
+    SampleRecord,
+    read_text_file,
+)
 
 HATEFUL_MEMES_LABELS = ["not_hateful", "hateful"]
 
@@ -82,32 +88,34 @@ class HatefulMemesDataModule(MissingModalityDataModule):
                 f"Hateful Memes: {path} not found; root must hold the .jsonl files and img/"
             )
         records = []
-        with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {line_no}"
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"Hateful Memes {where}: not valid JSON: {exc}") from exc
-                if not isinstance(entry, dict) or "id" not in entry:
-                    raise ValueError(
-                        f"Hateful Memes {where}: expected an object with an 'id' field, got {line.strip()[:80]!r}"
-                    )
-                text = entry.get("text")
-                if text is not None and not isinstance(text, str):
-                    raise ValueError(f"Hateful Memes {where}: field 'text' is {text!r}; expected a string")
-                records.append(
-                    SampleRecord(
-                        id=str(entry["id"]),
-                        key=str(entry["id"]),
-                        image=entry.get("img") or None,
-                        text=text,
-                        label=entry.get("label"),
-                        text_source=f"{where} field 'text'",
-                    )
+        for line_no, line in enumerate(read_text_file(path).split("\n"), start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"Hateful Memes {where}: not valid JSON: {exc}") from exc
+            if not isinstance(entry, dict) or "id" not in entry:
+                raise ValueError(
+                    f"Hateful Memes {where}: expected an object with an 'id' field, got {line.strip()[:80]!r}"
                 )
+            text = entry.get("text")
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"Hateful Memes {where}: field 'text' is {text!r}; expected a string")
+            image = entry.get("img")
+            if image is not None and not isinstance(image, str):
+                raise ValueError(f"Hateful Memes {where}: field 'img' is {image!r}; expected a path string such as 'img/42953.png'")
+            records.append(
+                SampleRecord(
+                    id=str(entry["id"]),
+                    key=str(entry["id"]),
+                    image=image or None,
+                    text=text,
+                    label=entry.get("label"),
+                    text_source=f"{where} field 'text'",
+                )
+            )
         return records, FileImageReader(root)
 
     def _read_arrow(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
@@ -130,7 +138,7 @@ class HatefulMemesDataModule(MissingModalityDataModule):
         records = []
         for row, (texts, label) in enumerate(zip(table.column("text").to_pylist(), labels, strict=True)):
             key = str(ids[row]) if ids is not None else f"row{row}"
-            texts = texts_of(texts)
+            texts = texts_of(texts, f"arrow file {path} row {row} column 'text'")
             for k, text in enumerate(texts):
                 records.append(
                     SampleRecord(

@@ -17,7 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 from datamodules.arrow import ArrowImageReader, find_arrow_file, open_arrow_table, require_columns, texts_of
-from datamodules.base import FileImageReader, ImageReader, MissingModalityDataModule, SampleRecord
+from datamodules.base import (
+    FileImageReader,
+    ImageReader,
+    MissingModalityDataModule,
+    SampleRecord,
+    read_text_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +124,11 @@ class MMIMDbDataModule(MissingModalityDataModule):
         root = self._raw_root()
         split_file = root / "split.json"
         try:
-            splits = json.loads(split_file.read_text(encoding="utf-8"))
+            splits = json.loads(read_text_file(split_file))
         except json.JSONDecodeError as exc:
             raise ValueError(f"MM-IMDb: {split_file} is not valid JSON: {exc}") from exc
+        if not isinstance(splits, dict):
+            raise ValueError(f"MM-IMDb: {split_file} holds a {type(splits).__name__}; expected an object of id lists")
         name = _SPLIT_FILE_NAMES[split]
         if name not in splits:
             raise ValueError(f"MM-IMDb: {split_file} has no {name!r} list (keys: {sorted(splits)})")
@@ -139,6 +147,11 @@ class MMIMDbDataModule(MissingModalityDataModule):
                 raise ValueError(
                     f"MM-IMDb {name} sample {movie!r}: {json_path} is not valid JSON: {exc}"
                 ) from exc
+            if not isinstance(data, dict):
+                raise ValueError(
+                    f"MM-IMDb {name} sample {movie!r}: {json_path} holds a {type(data).__name__}; expected a JSON object "
+                    "with 'genres' and 'plot'"
+                )
             label = self._label_from_genres(data.get("genres"), movie, json_path)
             plots = data.get("plot")
             if plots is not None and not isinstance(plots, list):
@@ -221,7 +234,7 @@ class MMIMDbDataModule(MissingModalityDataModule):
                     f"MM-IMDb sample {movie!r} ({source}): column 'label' is {multi_hot!r}; expected 23 values in {{0, 1}}"
                 )
             label = tuple(i for i, v in enumerate(multi_hot) if v == 1)
-            texts = [t for t in texts_of(plots) if t is not None]
+            texts = [t for t in texts_of(plots, f"arrow file {path} row {row} column 'plots'") if t is not None]
             records.extend(self._movie_records(movie, row, texts, None, label, source))
         self._log_ignored()
         return records, ArrowImageReader(path, "image")

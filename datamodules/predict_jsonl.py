@@ -40,6 +40,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.base import read_text_file
+
 ALLOWED_FIELDS = ("id", "image", "text")
 
 
@@ -71,53 +73,56 @@ def read_prediction_rows(path: str | os.PathLike) -> list[PredictionRow]:
         raise FileNotFoundError(f"prediction input {path} does not exist (expected a JSONL file)")
     rows: list[PredictionRow] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PredictionInputError(f"{where}: not valid JSON ({error.msg}); expected one JSON object per line") from error
-            if not isinstance(obj, dict):
-                raise PredictionInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            unknown = sorted(set(obj) - set(ALLOWED_FIELDS))
-            if unknown:
-                raise PredictionInputError(f"{where}: unknown field(s) {unknown}; expected some of {list(ALLOWED_FIELDS)}")
-            row_id = obj.get("id", str(line_no))
-            if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
-                raise PredictionInputError(f"{where}: field 'id' must be a string or an integer, got {row_id!r}")
-            row_id = str(row_id)
-            if row_id in seen:
-                raise PredictionInputError(f"{where}: id {row_id!r} was already used on line {seen[row_id]}; ids must be unique")
-            seen[row_id] = line_no
-            text = obj.get("text")
-            if text is not None:
-                if not isinstance(text, str):
-                    raise PredictionInputError(f"{where}: field 'text' must be a string or null, got {type(text).__name__}")
-                if not text.strip():
-                    raise PredictionInputError(
-                        f"{where}: field 'text' is empty; give a non-empty string, or omit it (or null) for a missing text"
-                    )
-            image = obj.get("image")
-            image_path = None
-            if image is not None:
-                if not isinstance(image, str) or not image.strip():
-                    raise PredictionInputError(
-                        f"{where}: field 'image' must be a non-empty path string, or omitted (or null) for a missing "
-                        f"image; got {image!r}"
-                    )
-                image_path = Path(image).expanduser()
-                if not image_path.is_absolute():
-                    image_path = path.parent / image_path
-                if not image_path.is_file():
-                    raise PredictionInputError(f"{where}: field 'image': file {image_path} does not exist")
-            if image_path is None and text is None:
+    try:
+        lines = read_text_file(path).split("\n")
+    except ValueError as error:  # not UTF-8: the message names the line and the byte
+        raise PredictionInputError(str(error)) from error
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {line_no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PredictionInputError(f"{where}: not valid JSON ({error.msg}); expected one JSON object per line") from error
+        if not isinstance(obj, dict):
+            raise PredictionInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - set(ALLOWED_FIELDS))
+        if unknown:
+            raise PredictionInputError(f"{where}: unknown field(s) {unknown}; expected some of {list(ALLOWED_FIELDS)}")
+        row_id = obj.get("id", str(line_no))
+        if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+            raise PredictionInputError(f"{where}: field 'id' must be a string or an integer, got {row_id!r}")
+        row_id = str(row_id)
+        if row_id in seen:
+            raise PredictionInputError(f"{where}: id {row_id!r} was already used on line {seen[row_id]}; ids must be unique")
+        seen[row_id] = line_no
+        text = obj.get("text")
+        if text is not None:
+            if not isinstance(text, str):
+                raise PredictionInputError(f"{where}: field 'text' must be a string or null, got {type(text).__name__}")
+            if not text.strip():
                 raise PredictionInputError(
-                    f"{where}: the row has neither 'image' nor 'text'; a row needs at least one modality"
+                    f"{where}: field 'text' is empty; give a non-empty string, or omit it (or null) for a missing text"
                 )
-            rows.append(PredictionRow(line=line_no, id=row_id, image=image_path, text=text))
+        image = obj.get("image")
+        image_path = None
+        if image is not None:
+            if not isinstance(image, str) or not image.strip():
+                raise PredictionInputError(
+                    f"{where}: field 'image' must be a non-empty path string, or omitted (or null) for a missing "
+                    f"image; got {image!r}"
+                )
+            image_path = Path(image).expanduser()
+            if not image_path.is_absolute():
+                image_path = path.parent / image_path
+            if not image_path.is_file():
+                raise PredictionInputError(f"{where}: field 'image': file {image_path} does not exist")
+        if image_path is None and text is None:
+            raise PredictionInputError(
+                f"{where}: the row has neither 'image' nor 'text'; a row needs at least one modality"
+            )
+        rows.append(PredictionRow(line=line_no, id=row_id, image=image_path, text=text))
     if not rows:
         raise PredictionInputError(f"{path}: no rows (the file is empty)")
     return rows

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sized
+import warnings
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -85,6 +86,9 @@ class ResumableDataLoader(DataLoader):
         self._epoch = getattr(self.sampler, "epoch", 0)
         self._batches_done = 0
         self._resume_at: dict[str, int] | None = None
+        # Set by lightning_modules.callbacks.ResumeState: the number of batches of the resumed epoch
+        # the Trainer counts as done (read when the first batch is requested).
+        self.trainer_batches_done: Callable[[], int] | None = None
 
     @property
     def resumable(self) -> bool:
@@ -101,6 +105,17 @@ class ResumableDataLoader(DataLoader):
         if self._resume_at is not None:
             if self._resume_at["epoch"] == epoch:
                 skip = self._resume_at["batches_done"]
+                if self.trainer_batches_done is not None and self.trainer_batches_done() != skip:
+                    # A checkpoint written in the middle of a step (Lightning's SLURM SIGUSR1 handler saves
+                    # from inside the signal handler): the Trainer redoes that step, so follow its count.
+                    trainer_count = self.trainer_batches_done()
+                    warnings.warn(
+                        f"the checkpoint was written during batch {skip} of epoch {epoch} (not after a batch); "
+                        f"resuming at batch {trainer_count + 1}, which the Trainer redoes. Random draws of that "
+                        "batch (dropout, augmentation) differ from an uninterrupted run.",
+                        stacklevel=2,
+                    )
+                    skip = trainer_count
             self._resume_at = None
         sampler.start_index = skip * self.batch_size
         if self.generator is not None:

@@ -35,6 +35,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from datamodules.sampling import ResumableDataLoader
+
 
 def capture_rng_state() -> dict[str, Any]:
     """This process's random states as tensors and primitives (``weights_only``-loadable)."""
@@ -114,6 +116,12 @@ class ResumeState(Callback):
         # dropped (the resumed epoch would restart from its first batch). Hand it over here: the
         # loader's iterator has not produced a batch yet. A no-op when Lightning already did it.
         trainer.fit_loop._load_combined_loader_states()
+        # The loaders resume after the batches the Trainer counts as done when the epoch restarts
+        # (the same number unless the checkpoint was written in the middle of a step).
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        for loader in getattr(trainer.fit_loop._combined_loader, "flattened", []):
+            if isinstance(loader, ResumableDataLoader):
+                loader.trainer_batches_done = lambda: progress.current.ready
         # After the sanity check and the data setup of the resumed run, right before its first batch:
         # the states are those of the interrupted run at the moment its checkpoint was written.
         states, self._pending_rng = self._pending_rng, None

@@ -696,7 +696,12 @@ class UnipairSystem(LightningModule):
         missing = set(own) - set(state)
         unexpected = set(state) - set(own)
         missing_trainable = missing - self.frozen_state_keys()
-        if unexpected or missing_trainable:
+        mismatched = {
+            key: (tuple(state[key].shape), tuple(own[key].shape))
+            for key in sorted(set(state) & set(own))
+            if hasattr(state[key], "shape") and tuple(state[key].shape) != tuple(own[key].shape)
+        }
+        if unexpected or missing_trainable or mismatched:
             saved = checkpoint.get("hyper_parameters", {})
             differences = {
                 key: (saved.get(key), value) for key, value in self.hparams.items() if saved.get(key) != value
@@ -704,7 +709,8 @@ class UnipairSystem(LightningModule):
             raise RuntimeError(
                 "checkpoint does not match this UnipairSystem configuration: "
                 f"{len(missing_trainable)} trainable/buffer keys missing (e.g. {sorted(missing_trainable)[:5]}), "
-                f"{len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:5]}). "
+                f"{len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:5]}), "
+                f"{len(mismatched)} with other shapes (checkpoint, current; e.g. {dict(list(mismatched.items())[:3])}). "
                 f"Hyperparameters that differ (checkpoint, current): {differences}"
             )
         # Frozen weights are not stored: take them from the freshly built backbones.

@@ -111,6 +111,19 @@ def test_lightning_sampler_injection_keeps_the_even_unpadded_shards():
     assert sorted(seen) == list(range(9))
 
 
+def test_prediction_shards_through_lightnings_unrepeated_wrapper():
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+
+    dataset = _Range(11)
+    seen, counts = [], set()
+    for rank in range(3):
+        wrapper = UnrepeatedDistributedSamplerWrapper(SequentialSampler(dataset), num_replicas=3, rank=rank, shuffle=False)
+        batches = list(EvenShardBatchSampler(wrapper, 2))
+        counts.add(len(batches))
+        seen += [i for b in batches for i in b]
+    assert sorted(seen) == list(range(11)) and counts == {2}
+
+
 def test_train_batches_are_the_same_global_batches_on_one_or_two_processes():
     dataset = _Range(32)
     single = list(torch.utils.data.BatchSampler(EpochShuffleSampler(dataset, seed=5), 8, drop_last=False))

@@ -128,6 +128,16 @@ def test_train_loader_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoc
     assert _epoch(at_epoch_end, 2) == epochs[2]  # a checkpoint at the end of epoch 1 resumes at epoch 2
 
 
+def test_the_trainer_batch_count_wins_over_a_mid_step_position():
+    """A checkpoint written during batch 2 (the loader had handed it out; the Trainer will redo it)."""
+    reference = _epoch(_loader(), 1)
+    resumed = _loader()
+    resumed.load_state_dict({"epoch": 1, "batches_done": 2, "batch_size": 4, "num_samples": 22, "num_replicas": 1, "seed": 3})
+    resumed.trainer_batches_done = lambda: 1
+    with pytest.warns(UserWarning, match=r"written during batch 2 of epoch 1 .*resuming at batch 2, which the Trainer redoes"):
+        assert _epoch(resumed, 1) == reference[1:]
+
+
 def test_mid_epoch_position_with_different_data_settings_is_a_clear_error():
     state = {"epoch": 1, "batches_done": 2, "batch_size": 8, "num_samples": 22, "num_replicas": 1, "seed": 3}
     with pytest.raises(ValueError, match=r"saved after 2 of 6 batches of epoch 1.*'batch_size': \(8, 4\)"):
@@ -160,6 +170,63 @@ def test_random_states_round_trip_and_load_with_weights_only(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert [random.random() for _ in range(3)] == expected[2]
+
+
+# -------------------------------------------------------------------------- slow: mid-step checkpoint
+
+
+class _RecordIds(Callback):
+    def __init__(self) -> None:
+        self.ids: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids[trainer.global_step] = list(batch["id"])
+
+
+class _SaveMidStepAndStop(Callback):
+    """What Lightning's SLURM SIGUSR1 handler does: save from inside a step (here: before backward), then the job dies."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            raise KeyboardInterrupt  # stands in for the process being killed
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_mid_step_resumes_with_the_same_data(tmp_path):
+    from lightning.pytorch import Trainer, seed_everything
+
+    from datamodules import HatefulMemesDataModule
+    from lightning_modules.callbacks import ResumeState
+    from tests.method_fixtures import tiny_system
+
+    root = make_hateful_memes(tmp_path, n_train=12, n_dev=4)
+
+    def run(callbacks, ckpt_path=None):
+        seed_everything(5)
+        data = HatefulMemesDataModule(
+            root=str(root), image_encoder="test_vit", text_encoder="tiny-bert", image_size=32, batch_size=4,
+            missing_table_dir=str(tmp_path / "tables"), train_missing={"missing_rate": 0.5, "dynamic": True},
+        )
+        trainer = Trainer(
+            accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+            default_root_dir=tmp_path, callbacks=[ResumeState(), *callbacks],
+        )
+        trainer.fit(tiny_system(task="binary", num_classes=2), datamodule=data, ckpt_path=ckpt_path)
+
+    reference = _RecordIds()
+    run([reference])
+    with pytest.raises(SystemExit):  # Lightning turns the KeyboardInterrupt into exit(1)
+        run([_SaveMidStepAndStop(4, tmp_path / "mid.ckpt")])
+    resumed = _RecordIds()
+    with pytest.warns(UserWarning, match=r"written during batch 2 of epoch 1"):
+        run([resumed], ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert sorted(resumed.ids) == [4, 5]  # batch 2 of epoch 1 (step 4) is redone, then the rest of the epoch
+    assert {step: reference.ids[step] for step in resumed.ids} == resumed.ids
 
 
 # ---------------------------------------------------------------------------------------- slow test
