@@ -44,6 +44,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import time
@@ -61,6 +62,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 TEST_SETTINGS: tuple[tuple[str, float], ...] = (("text", 0.7), ("image", 0.7), ("both", 0.7), ("none", 0.0))
 STRATEGIES: tuple[str, ...] = ("predict", "zero", "learned", "dummy_input")
+# The method's switches at the values the ablation starts from (DESIGN.md's first reading: no
+# substitution, no stop-gradient, lambda 1). Every variant passes its switches explicitly, so the
+# cells mean the same thing whatever the system's defaults are later.
+REFERENCE: dict[str, Any] = {"substitution": False, "stop_grad_target": False, "pred_loss_weight": 1.0}
 SWITCHES: dict[str, dict[str, Any]] = {
     "stop_grad": {"stop_grad_target": True},
     "substitution": {"substitution": True},
@@ -68,17 +73,35 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "lambda_0.1": {"pred_loss_weight": 0.1},
     "lambda_10": {"pred_loss_weight": 10.0},
 }
+# Switches together (the single-switch cells cannot tell how they interact).
+COMBOS: dict[str, dict[str, Any]] = {
+    "stop_grad+substitution": {"stop_grad_target": True, "substitution": True},
+    "stop_grad+lambda_0.1": {"stop_grad_target": True, "pred_loss_weight": 0.1},
+    "stop_grad+substitution+lambda_0.1": {"stop_grad_target": True, "substitution": True, "pred_loss_weight": 0.1},
+    "lambda_0+substitution": {"pred_loss_weight": 0.0, "substitution": True},
+}
+# The baselines as the project's configs define them (configs/model/zero.yaml, ...): no predictor,
+# no VICReg. (``zero`` / ``learned`` / ``dummy_input`` above are the method's system, trained the
+# same way as ``predict``, with only the stand-in changed.)
+PLAIN: dict[str, dict[str, Any]] = {
+    "zero_plain": {"missing_strategy": "zero", "predictor_length": 0},
+    "learned_plain": {"missing_strategy": "learned", "predictor_length": 0},
+    "dummy_input_plain": {"missing_strategy": "dummy_input", "predictor_length": 0},
+}
 ORACLE: dict[str, dict[str, Any]] = {
     "oracle_fused": {"missing_strategy": "zero", "predictor_length": 0},
     "oracle_image": {"missing_strategy": "zero", "predictor_length": 0, "text_peft": "frozen"},
     "oracle_text": {"missing_strategy": "zero", "predictor_length": 0, "image_peft": "frozen"},
 }
-VARIANT_GROUPS = {"strategies": STRATEGIES, "switches": tuple(SWITCHES), "oracle": tuple(ORACLE)}
+VARIANT_GROUPS = {"strategies": STRATEGIES, "oracle": tuple(ORACLE), "switches": tuple(SWITCHES),
+                  "combos": tuple(COMBOS), "plain": tuple(PLAIN)}
 PRIMARY_METRIC = "accuracy"
 # Encoders of the run: the demo's (pretrained, offline cache or device pack), or tiny random ones
 # for the smoke tests (timm test_vit + tiny-bert, with small prompt/head sizes).
 ENCODERS: dict[str, dict[str, Any]] = {
-    "demo": {"image_backbone": "dinov2-s14", "text_backbone": "minilm-l6", "pretrained": True},
+    # Sizes pinned (the system's defaults when the ablation was first run) so cells stay comparable.
+    "demo": {"image_backbone": "dinov2-s14", "text_backbone": "minilm-l6", "pretrained": True, "prompt_length": 16,
+             "prompt_depth": 6, "predictor_length": 8, "predictor_hidden_dim": 256, "head_hidden_dim": 256},
     "tiny": {"image_backbone": "test_vit", "text_backbone": "tiny-bert", "pretrained": False, "prompt_length": 2,
              "prompt_depth": 2, "predictor_length": 2, "predictor_hidden_dim": 16, "head_hidden_dim": 16},
 }
@@ -176,19 +199,19 @@ def load_data(args: argparse.Namespace) -> Path:
 
 def cell_list(args: argparse.Namespace) -> list[dict[str, Any]]:
     """All cells of the run, seed-major (a run cut short still has whole seeds), filtered by ``--only``."""
-    variants: list[tuple[str, str, dict[str, Any]]] = [(name, name, {}) for name in STRATEGIES]
-    variants += [(name, "predict", dict(options)) for name, options in SWITCHES.items()]
-    variants += [(name, str(options["missing_strategy"]), dict(options)) for name, options in ORACLE.items()]
+    variants: list[tuple[str, str, dict[str, Any]]] = [(name, name, dict(REFERENCE)) for name in STRATEGIES]
+    variants += [(name, "predict", {**REFERENCE, **options}) for name, options in {**SWITCHES, **COMBOS}.items()]
+    variants += [(name, str(options["missing_strategy"]), dict(options)) for name, options in {**PLAIN, **ORACLE}.items()]
     only = set(args.only) if args.only else None
     if only:
         known = set(SETTINGS) | {v[0] for v in variants} | set(VARIANT_GROUPS)
         unknown = only - known
         if unknown:
             raise SystemExit(f"--only: unknown names {sorted(unknown)}; expected some of {sorted(known)}")
-    # Within a seed: the strategies, then the oracle, then the switches (a run cut short keeps the
-    # comparisons that matter most).
+    # Within a seed: the strategies, the oracle, the switches, their combinations, the plain
+    # baselines (a run cut short keeps the comparisons that matter most).
     groups = {name: g for g, members in VARIANT_GROUPS.items() for name in members}
-    variants.sort(key=lambda v: ("strategies", "oracle", "switches").index(groups[v[0]]))
+    variants.sort(key=lambda v: list(VARIANT_GROUPS).index(groups[v[0]]))
     cells = []
     for seed in args.seeds:
         for name, strategy, options in variants:
@@ -215,6 +238,30 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "data_file": Path(args.data).name if args.data else None,
         **data_settings(args), "limit_train_samples": args.limit_train_samples,
     }
+
+
+def same_training(stored: dict, cell: dict) -> bool:
+    """Whether a stored cell trained what ``cell`` describes (options compared with the reference filled in)."""
+    return (stored["strategy"] == cell["strategy"] and stored["seed"] == cell["seed"]
+            and {**REFERENCE, **stored["options"]} == {**REFERENCE, **cell["options"]})
+
+
+def load_done(cells: list[dict], out: Path, config: dict, verbose: bool = False) -> tuple[list[dict], list[tuple[dict, Path]]]:
+    """Split ``cells`` into finished ones (their documents, from disk) and pending ones (with their paths)."""
+    done: list[dict] = []
+    pending: list[tuple[dict, Path]] = []
+    for cell in cells:
+        path = cell_path(out, cell, config)
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if stored is not None and same_training(stored["cell"], cell):
+            stored["cell"] = cell  # the current (explicit) spelling of the same options
+            done.append(stored)
+            continue
+        if stored is not None and verbose:
+            print(f"ablation: {path.name} was trained with other options {stored['cell']['options']}; training it again",
+                  file=sys.stderr)
+        pending.append((cell, path))
+    return done, pending
 
 
 def cell_path(out: Path, cell: dict, config: dict) -> Path:
@@ -395,6 +442,8 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
         "train_s": train_s,
         "total_s": time.perf_counter() - started,
         "device": str(device),
+        "machine": benchutil.machine_info(device).get("gpu") or benchutil.machine_info(device)["cpu"],
+        "config": run_config(args),
         "final_train_metrics": final_losses,
         "results": results,
         "component_logits": component_logits,
@@ -421,40 +470,57 @@ def _cell_worker(cell: dict, args_dict: dict, data_path: str, path: str) -> dict
 # ------------------------------------------------------------------------------------ aggregation
 
 
-def oracle_rows(cells: list[dict], data: dict | None = None) -> list[dict]:
-    """Oracle rows per (setting, seed, split, test setting) from the three oracle models of that seed."""
+def _oracle_setting_rows(models: dict[str, dict], setting: str, seed: int, variant: str, data: dict | None) -> list[dict]:
     from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+    rows = []
+    for split in ("val", "test"):
+        labels = torch.tensor(models["oracle_fused"]["labels"][split])
+        logits = {name: torch.tensor(doc["component_logits"][split]) for name, doc in models.items()}
+        num_classes = logits["oracle_fused"].shape[1]
+        for test_type, rate in TEST_SETTINGS:
+            if rate == 0.0:
+                combined = logits["oracle_fused"]
+            else:
+                if data is None:
+                    raise ValueError("oracle rows at eta > 0 need the presence masks of the data")
+                image, text = data["presence"][f"{split}/{test_type}/{rate}"]
+                combined = torch.where((image & text)[:, None], logits["oracle_fused"],
+                                       torch.where(image[:, None], logits["oracle_image"], logits["oracle_text"]))
+            preds = combined.argmax(dim=1)
+            values = {
+                "accuracy": float(MulticlassAccuracy(num_classes, average="micro")(preds, labels)),
+                "f1_macro": float(MulticlassF1Score(num_classes, average="macro")(preds, labels)),
+            }
+            for metric, value in values.items():
+                rows.append({"setting": setting, "strategy": "oracle", "variant": variant, "options": {},
+                             "seed": seed, "split": split, "test_type": test_type, "rate": rate,
+                             "metric": metric, "value": value})
+    return rows
+
+
+def oracle_rows(cells: list[dict], data: dict | None = None) -> list[dict]:
+    """Oracle rows per (training setting, seed, split, test setting).
+
+    ``oracle`` (the ceiling, for both training settings): the fused model on complete samples, the
+    image-only / text-only model on the others, all three trained on the whole training set (the
+    ``complete`` setting's oracle models). ``oracle_same_data`` (``missing`` setting only): the
+    same, with each model trained on the samples it could use under missing training (the fused
+    one on the complete 30 %, ...): less data than the strategies' models saw, so not a ceiling.
+    """
     parts: dict[tuple, dict[str, dict]] = {}
     for doc in cells:
         if doc["cell"]["variant"] in ORACLE:
             parts.setdefault((doc["cell"]["setting"], doc["cell"]["seed"]), {})[doc["cell"]["variant"]] = doc
     rows = []
-    for (setting, seed), models in sorted(parts.items()):
-        if set(models) != set(ORACLE):
-            continue
-        for split in ("val", "test"):
-            labels = torch.tensor(models["oracle_fused"]["labels"][split])
-            logits = {name: torch.tensor(doc["component_logits"][split]) for name, doc in models.items()}
-            num_classes = logits["oracle_fused"].shape[1]
-            for test_type, rate in TEST_SETTINGS:
-                if rate == 0.0:
-                    combined = logits["oracle_fused"]
-                else:
-                    if data is None:
-                        raise ValueError("oracle rows at eta > 0 need the presence masks of the data")
-                    image, text = data["presence"][f"{split}/{test_type}/{rate}"]
-                    combined = torch.where((image & text)[:, None], logits["oracle_fused"],
-                                           torch.where(image[:, None], logits["oracle_image"], logits["oracle_text"]))
-                preds = combined.argmax(dim=1)
-                values = {
-                    "accuracy": float(MulticlassAccuracy(num_classes, average="micro")(preds, labels)),
-                    "f1_macro": float(MulticlassF1Score(num_classes, average="macro")(preds, labels)),
-                }
-                for metric, value in values.items():
-                    rows.append({"setting": setting, "strategy": "oracle", "variant": "oracle", "options": {},
-                                 "seed": seed, "split": split, "test_type": test_type, "rate": rate,
-                                 "metric": metric, "value": value})
+    for seed in sorted({seed for _, seed in parts}):
+        ceiling = parts.get(("complete", seed), {})
+        if set(ceiling) == set(ORACLE):
+            for setting in SETTINGS:
+                rows += _oracle_setting_rows(ceiling, setting, seed, "oracle", data)
+        same_data = parts.get(("missing", seed), {})
+        if set(same_data) == set(ORACLE):
+            rows += _oracle_setting_rows(same_data, "missing", seed, "oracle_same_data", data)
     return rows
 
 
@@ -486,7 +552,7 @@ def gap_closed(rows: list[dict], split: str = "test") -> list[dict]:
     """(strategy − zero) / (oracle − zero) of the seed means, per training setting and eta > 0 test setting."""
     table = summary_table(rows, split)
     out = []
-    variants = sorted({key[1] for key in table} - {"zero", "oracle"})
+    variants = sorted({key[1] for key in table} - {"zero", "oracle", "oracle_same_data"})
     for setting in SETTINGS:
         for test_type, rate in TEST_SETTINGS:
             if rate == 0.0:
@@ -507,21 +573,18 @@ def gap_closed(rows: list[dict], split: str = "test") -> list[dict]:
     return out
 
 
-# The method's switches and the values their ablation variants stand for (``predict`` = the defaults
-# the system had when the ablation ran: substitution off, stop-gradient off, lambda 1).
-DECISIONS: dict[str, dict[str, Any]] = {
-    "substitution": {"predict": False, "substitution": True},
-    "stop_grad_target": {"predict": False, "stop_grad": True},
-    "pred_loss_weight": {"lambda_0": 0.0, "lambda_0.1": 0.1, "predict": 1.0, "lambda_10": 10.0},
-}
+SWITCH_NAMES: tuple[str, ...] = ("substitution", "stop_grad_target", "pred_loss_weight")
 
 
-def decide_defaults(rows: list[dict]) -> dict[str, dict]:
-    """For each switch, the value whose variant has the best **val** accuracy.
+def decide_defaults(rows: list[dict]) -> dict[str, Any]:
+    """The method's switch values of the best ``predict`` configuration on **val**.
 
-    Score = mean over both training settings and the three eta = 70 % test types (text, image,
-    both) of the seed-mean val accuracy; the test score (same average) is reported next to it.
-    Only variants with every (setting, test type) present take part.
+    Candidates: ``predict`` (the reference), each single switch and each combination, with their
+    switch values spelled out. Score = mean over both training settings and the three eta = 70 %
+    test types (text, image, both) of the seed-mean val accuracy; the test score (same average) is
+    reported next to it, not used. Only configurations with every (setting, test type) take part.
+    Deciding on the best configuration, not switch by switch, respects interactions (stop-gradient
+    changes what lambda does) and only ever picks a setting that was actually trained.
     """
     tables = {split: summary_table(rows, split) for split in ("val", "test")}
 
@@ -537,18 +600,23 @@ def decide_defaults(rows: list[dict]) -> dict[str, dict]:
                 values.append(statistics.fmean(cell))
         return statistics.fmean(values)
 
-    decisions = {}
-    for option, variants in DECISIONS.items():
-        scored = {v: score("val", v) for v in variants}
-        scored = {v: s for v, s in scored.items() if s is not None}
-        if len(scored) < 2:
+    candidates = {"predict": {}, **SWITCHES, **COMBOS}
+    ranking = []
+    for variant, options in candidates.items():
+        val = score("val", variant)
+        if val is None:
             continue
-        best = max(scored, key=scored.get)
-        decisions[option] = {
-            "value": variants[best], "variant": best,
-            "val_score": scored, "test_score": {v: score("test", v) for v in scored},
-        }
-    return decisions
+        switches = {name: {**REFERENCE, **options}[name] for name in SWITCH_NAMES}
+        ranking.append({"variant": variant, "switches": switches, "val_score": val, "test_score": score("test", variant)})
+    ranking.sort(key=lambda r: r["val_score"], reverse=True)
+    if not ranking:
+        return {}
+    return {
+        "chosen_variant": ranking[0]["variant"],
+        "defaults": ranking[0]["switches"],
+        "candidates_missing": [v for v in candidates if v not in {r["variant"] for r in ranking}],
+        "ranking": ranking,
+    }
 
 
 def markdown(document: dict) -> str:
@@ -557,13 +625,21 @@ def markdown(document: dict) -> str:
     cfg = document["config"]
     machine = header["machine"]
     where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores)"
-    order = list(STRATEGIES) + list(SWITCHES) + ["oracle"]
+    order = list(STRATEGIES) + list(PLAIN) + list(SWITCHES) + list(COMBOS) + ["oracle", "oracle_same_data"]
     columns = [(t, r) for t, r in TEST_SETTINGS]
     col_names = [f"{t} {int(100 * r)}%" if r else "complete (η=0)" for t, r in columns]
     lines = [
         f"Ablation on emoji (9 groups), {cfg['image_backbone']} + {cfg['text_backbone']}, PEFT {cfg['peft']}, "
         f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']}, {cfg['image_size']} px; "
-        f"seeds {document['seeds_done']}; {where}; {header['date']}; `{header['command']}`.",
+        f"seeds {document['seeds_done']}; {where}; {header['date']}; `{header['command']}`."
+        + (f" Cells trained on: {', '.join(document['cells_machines'])}." if document.get("cells_machines") else "")
+        + (f" {document['cells_note']}" if document.get("cells_note") else ""),
+        "",
+        "`zero` / `learned` / `dummy_input`: the method's system (predictor + VICReg, reference switches) with only the "
+        "stand-in changed; `*_plain`: the project's baseline configs (no predictor, no VICReg); `oracle`: fused model "
+        "on complete samples, dedicated image-only / text-only models on the others, all trained on the whole "
+        "training set (a ceiling for both settings); `oracle_same_data`: the same trained on what missing training "
+        "leaves each of them (not a ceiling).",
         "",
     ]
     for split in ("test", "val"):
@@ -607,14 +683,17 @@ def markdown(document: dict) -> str:
             lines.append("")
     decisions = document.get("defaults", {})
     if decisions:
-        lines += ["**Defaults decided on val** (mean accuracy over both training settings and text/image/both at 70%)", "",
-                  "| option | chosen | val score per value | test score per value |", "|---|---|---|---|"]
-        for option, d in decisions.items():
-            values = DECISIONS[option]
-            val = ", ".join(f"{values[v]}: {s:.3f}" for v, s in d["val_score"].items())
-            test = ", ".join(f"{values[v]}: {s:.3f}" for v, s in d["test_score"].items())
-            lines.append(f"| {option} | {d['value']} | {val} | {test} |")
-        lines.append("")
+        lines += ["**Defaults decided on val**: the best `predict` configuration by mean val accuracy over both training "
+                  "settings and text / image / both at 70 % (test: the same average, for reference)", "",
+                  "| rank | variant | substitution | stop_grad_target | pred_loss_weight | val score | test score |",
+                  "|---:|---|---|---|---:|---:|---:|"]
+        for rank, r in enumerate(decisions["ranking"], 1):
+            sw = r["switches"]
+            lines.append(f"| {rank} | {r['variant']} | {sw['substitution']} | {sw['stop_grad_target']} | "
+                         f"{sw['pred_loss_weight']} | {r['val_score']:.3f} | {r['test_score']:.3f} |")
+        missing = decisions.get("candidates_missing")
+        lines += ["", f"Chosen: `{decisions['chosen_variant']}` → {decisions['defaults']}"
+                  + (f" (not all candidates measured: {missing})" if missing else "") + ".", ""]
     times = document.get("timing", {})
     if times:
         lines.append(
@@ -646,6 +725,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="minutes after which no new cell starts (0 = none); the rest stays for a re-run")
     parser.add_argument("--aggregate-only", action="store_true", help="train nothing; tabulate the finished cells")
+    parser.add_argument("--cells-note", default=None,
+                        help="recorded in ablation.json, e.g. where cells trained elsewhere come from")
     parser.add_argument("--limit-train-samples", type=int, default=0, help="train on the first N samples only (tests)")
     parser.add_argument("--root", default=None, help="unipair cache folder holding emoji/ (default $UNIPAIR_CACHE)")
     parser.add_argument("--pack", default=None, help="device pack folder (benchmarks/device_pack.py) instead of the cache")
@@ -670,14 +751,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_path = load_data(args)
     config = run_config(args)
     cells = cell_list(args)
-    done: list[dict] = []
-    pending: list[tuple[dict, Path]] = []
-    for cell in cells:
-        path = cell_path(out, cell, config)
-        if path.is_file():
-            done.append(json.loads(path.read_text(encoding="utf-8")))
-        else:
-            pending.append((cell, path))
+    done, pending = load_done(cells, out, config, verbose=True)
     print(f"ablation: {len(cells)} cells, {len(done)} already done, {len(pending)} to train on {device} "
           f"with {args.jobs} job(s)", file=sys.stderr, flush=True)
     args_dict = vars(args)
@@ -693,7 +767,9 @@ def main(argv: list[str] | None = None) -> dict:
             ran.append(_report(_cell_worker(cell, args_dict, str(data_path), str(path)), failures))
     else:
         context = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        pool = futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
             queue = list(pending)
             running: set[futures.Future] = set()
             while queue or running:
@@ -705,7 +781,15 @@ def main(argv: list[str] | None = None) -> dict:
                 finished, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
                 for future in finished:
                     ran.append(_report(future.result(), failures))
-    done += [doc for doc in ran if "error" not in doc]
+        except KeyboardInterrupt:
+            # Stopped (Ctrl-C, or SIGTERM from a time limit): end the workers, tabulate what finished.
+            print("ablation: interrupted; stopping the workers and tabulating the finished cells", file=sys.stderr)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            pool.shutdown(wait=False, cancel_futures=True)
+    done, _ = load_done(cells, out, config)  # everything on disk now, also cells a stopped run finished
     data = torch.load(data_path, weights_only=False)
     rows = collect_rows(done, data)
     cell_times = [doc["total_s"] for doc in ran if "error" not in doc]
@@ -714,6 +798,8 @@ def main(argv: list[str] | None = None) -> dict:
         "header": header,
         "config": config,
         "data": {"source": data["source"], "transform_check": data.get("transform_check", "identical")},
+        "cells_machines": sorted({doc.get("machine", "not recorded in the cell") for doc in done}),
+        "cells_note": args.cells_note,
         "row_fields": ["setting", "strategy", "variant", "options", "seed", "split", "test_type", "rate", "metric", "value"],
         "seeds_done": sorted({doc["cell"]["seed"] for doc in done}),
         "cells_expected": len(cells),
@@ -736,6 +822,10 @@ def main(argv: list[str] | None = None) -> dict:
     if failures:
         raise SystemExit(1)
     return document
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _report(doc: dict, failures: list[dict]) -> dict:

@@ -11,7 +11,11 @@
 #   TOTAL_MIN (wall minutes for the whole script, default 9), JOBS (ablation cells at once, default 4),
 #   SEEDS (default "0 1 2"), EPOCHS (ablation epochs, default 5), DEVICE (default cuda),
 #   EXTRA_BENCH / EXTRA_ABLATION (extra arguments appended to each bench / ablation command, e.g. for
-#   a quick CPU check of this script: DEVICE=cpu EXTRA_BENCH="--encoders tiny --image-size 32 ...").
+#   a quick CPU check of this script: DEVICE=cpu EXTRA_BENCH="--encoders tiny --image-size 32 ..."),
+#   SKIP_BENCH=1 (ablation only), RESUME_CELLS (a cells .tar.gz of an earlier run, e.g.
+#   benchmarks/results/2026-11-27-h200/ablation_cells.tar.gz: its finished cells are not trained again).
+# Follow-up of the 2026-11-27 H200 run (plain baselines, switch combinations, 3 unfinished cells; ~3 min):
+#   SKIP_BENCH=1 RESUME_CELLS=benchmarks/results/2026-11-27-h200/ablation_cells.tar.gz bash benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
@@ -24,6 +28,8 @@ PACK=${PACK:-runs/device_pack}
 DEVICE=${DEVICE:-cuda}
 EXTRA_BENCH=${EXTRA_BENCH:-}
 EXTRA_ABLATION=${EXTRA_ABLATION:-}
+SKIP_BENCH=${SKIP_BENCH:-0}
+RESUME_CELLS=${RESUME_CELLS:-}
 WORK=${WORK:-/tmp/unipair-device}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$WORK"
@@ -36,6 +42,7 @@ elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
   "$PY" -c "import torch, lightning, timm, transformers, peft, torchmetrics; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'torchmetrics', torchmetrics.__version__)"
   if [ ! -f "$PACK/manifest.json" ]; then echo "device_run: no device pack at $PACK (export it first)"; fi
 
+  if [ "$SKIP_BENCH" != 1 ]; then
   echo "== bench: demo architectures (random init), batch 64, 112 px, 32 tokens"
   timeout 150 "$PY" benchmarks/bench.py --random-init --device "$DEVICE" --batch-size 64 --image-size 112 --text-len 32 \
     --warmup 3 --steps 10 --infer-steps 10 $EXTRA_BENCH --out "$OUT/bench_demo_random.json" || echo "device_run: bench (demo) failed: $?"
@@ -43,6 +50,11 @@ elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
   echo "== bench: paper encoders (ViT-B/16 + BERT-base, random init), batch 64, 224 px, 128 tokens"
   timeout 180 "$PY" benchmarks/bench.py --paper --device "$DEVICE" --batch-size 64 --image-size 224 --text-len 128 \
     --warmup 3 --steps 10 --infer-steps 10 $EXTRA_BENCH --out "$OUT/bench_paper.json" || echo "device_run: bench (paper) failed: $?"
+  fi
+  if [ -n "$RESUME_CELLS" ]; then
+    mkdir -p "$WORK/ablation" && tar -xzf "$RESUME_CELLS" -C "$WORK/ablation" \
+      && echo "device_run: resuming from $(ls "$WORK/ablation/cells" | wc -l) cells of $RESUME_CELLS"
+  fi
 
   # The ablation gets what is left; no new cell starts in the last ~1.5 minutes (cells in flight finish).
   left=$(( TOTAL_MIN * 60 - ($(date +%s) - start) ))
@@ -51,7 +63,7 @@ elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
   echo "== ablation: ${left}s left, time budget ${budget} min, $JOBS jobs, seeds $SEEDS, $EPOCHS epochs"
   touch "$WORK/ablation_started"
   timeout $(( left > 70 ? left - 10 : 60 )) "$PY" benchmarks/ablation.py --pack "$PACK" --device "$DEVICE" --jobs "$JOBS" \
-    --seeds $SEEDS --epochs "$EPOCHS" --batch-size 32 --eval-batch-size 256 --time-budget "$budget" \
+    --seeds $SEEDS --epochs "$EPOCHS" --batch-size 32 --eval-batch-size 256 --threads 2 --time-budget "$budget" \
     $EXTRA_ABLATION --out "$WORK/ablation" || echo "device_run: ablation ended with $?"
   if [ ! -f "$WORK/ablation/ablation.json" ] || [ "$WORK/ablation/ablation.json" -ot "$WORK/ablation_started" ]; then
     echo "== ablation: tabulating the finished cells"

@@ -192,27 +192,36 @@ def _tiny_ablation_args(tmp_path: Path, data: Path, *only: str) -> list[str]:
 
 def test_ablation_rows_oracle_gap_and_resume(tmp_path):
     data = _synthetic_data(tmp_path / "data.pt")
-    args = _tiny_ablation_args(tmp_path, data, "missing", "predict", "zero", "oracle")
+    args = _tiny_ablation_args(tmp_path, data, "predict", "zero", "oracle")
     document = ablation.main(args)
     rows = document["rows"]
     assert set(document["row_fields"]) <= set(rows[0])
-    # predict, zero and the oracle on every test setting, val and test, both metrics.
-    for variant in ("predict", "zero", "oracle"):
-        for split in ("val", "test"):
-            for test_type, rate in ablation.TEST_SETTINGS:
-                matching = [r for r in rows if r["variant"] == variant and r["split"] == split
-                            and r["test_type"] == test_type and r["rate"] == rate and r["metric"] == "accuracy"]
-                assert len(matching) == 1, (variant, split, test_type, rate)
-                assert 0.0 <= matching[0]["value"] <= 1.0
-    assert {r["setting"] for r in rows} == {"missing"}
+    # predict, zero and the oracle on every test setting, both training settings, val and test.
+    for setting in ("complete", "missing"):
+        for variant in ("predict", "zero", "oracle"):
+            for split in ("val", "test"):
+                for test_type, rate in ablation.TEST_SETTINGS:
+                    matching = [r for r in rows if r["setting"] == setting and r["variant"] == variant
+                                and r["split"] == split and r["test_type"] == test_type and r["rate"] == rate
+                                and r["metric"] == "accuracy"]
+                    assert len(matching) == 1, (setting, variant, split, test_type, rate)
+                    assert 0.0 <= matching[0]["value"] <= 1.0
+    # The ceiling is the same models for both settings; the same-data oracle exists for missing training only.
+    ceiling = {(r["setting"], r["split"], r["test_type"]): r["value"] for r in rows
+               if r["variant"] == "oracle" and r["metric"] == "accuracy"}
+    assert ceiling[("complete", "test", "both")] == ceiling[("missing", "test", "both")]
+    assert {r["setting"] for r in rows if r["variant"] == "oracle_same_data"} == {"missing"}
     assert all(r["seed"] == 0 for r in rows)
+    # Options are spelled out (the reference switches), whatever the system's defaults.
+    predict_row = next(r for r in rows if r["variant"] == "predict")
+    assert predict_row["options"] == ablation.REFERENCE
     gaps = [g for g in document["gap_closed"] if g["variant"] == "predict"]
     assert {g["test_type"] for g in gaps} == {"text", "image", "both"}
     for g in gaps:
         if g["gap_closed"] is not None:
             assert g["gap_closed"] == pytest.approx((g["strategy_mean"] - g["zero_mean"]) / (g["oracle_mean"] - g["zero_mean"]))
     cells = sorted((tmp_path / "out" / "cells").glob("*.json"))
-    assert len(cells) == 5  # predict, zero and the three oracle models
+    assert len(cells) == 10  # (predict, zero, three oracle models) x two settings
     assert "| predict |" in (tmp_path / "out" / "ablation.md").read_text()
 
     # Re-run: every cell is found and skipped; same rows.
@@ -231,16 +240,18 @@ def test_oracle_combines_the_unimodal_models_per_missing_case():
         logits = [[0.0] * 3 for _ in range(3)]
         for i in range(3):
             logits[i][labels[i] if i == right else (labels[i] + 1) % 3] = 1.0
-        cells.append({"cell": {"setting": "missing", "variant": variant, "seed": 0},
+        cells.append({"cell": {"setting": "complete", "variant": variant, "seed": 0},
                       "component_logits": {"val": logits, "test": logits}, "labels": {"val": labels, "test": labels}})
     # Sample 0 complete, 1 text missing (image only), 2 image missing (text only).
     image = torch.tensor([True, True, False])
     text = torch.tensor([True, False, True])
     presence = {f"{s}/{t}/0.7": (image, text) for s in ("val", "test") for t in ("text", "image", "both")}
     rows = ablation.oracle_rows(cells, {"presence": presence})
-    accuracy = {(r["split"], r["test_type"], r["rate"]): r["value"] for r in rows if r["metric"] == "accuracy"}
-    assert accuracy[("test", "both", 0.7)] == pytest.approx(1.0)
-    assert accuracy[("test", "none", 0.0)] == pytest.approx(1 / 3)  # the fused model alone
+    accuracy = {(r["setting"], r["split"], r["test_type"], r["rate"]): r["value"] for r in rows if r["metric"] == "accuracy"}
+    for setting in ("complete", "missing"):  # the complete-data models are the ceiling of both settings
+        assert accuracy[(setting, "test", "both", 0.7)] == pytest.approx(1.0)
+        assert accuracy[(setting, "test", "none", 0.0)] == pytest.approx(1 / 3)  # the fused model alone
+    assert {r["variant"] for r in rows} == {"oracle"}
 
 
 def test_cell_list_filters_and_orders_seed_major():
@@ -325,9 +336,10 @@ def test_exported_pack_equals_the_cache_under_bf16_autocast(tmp_path, prepared_e
 
 
 
-def test_defaults_are_decided_on_val_means():
+def test_defaults_are_the_best_configuration_on_val():
     rows = []
-    val_scores = {"predict": 0.6, "substitution": 0.7, "stop_grad": 0.5, "lambda_0.1": 0.65, "lambda_10": 0.55}
+    val_scores = {"predict": 0.6, "substitution": 0.7, "stop_grad": 0.5, "stop_grad+substitution": 0.72,
+                  "lambda_0.1": 0.9, "zero": 0.95}
     for variant, value in val_scores.items():
         for setting in ablation.SETTINGS:
             for test_type, rate in ablation.TEST_SETTINGS:
@@ -335,11 +347,22 @@ def test_defaults_are_decided_on_val_means():
                     for split, v in (("val", value + 0.01 * seed), ("test", 1.0 - value)):
                         rows.append({"setting": setting, "variant": variant, "test_type": test_type, "rate": rate,
                                      "split": split, "metric": "accuracy", "seed": seed, "value": v})
-    rows = [r for r in rows if not (r["variant"] == "lambda_0.1" and r["setting"] == "complete")]  # incomplete
-    decisions = ablation.decide_defaults(rows)
-    assert decisions["substitution"]["value"] is True
-    assert decisions["substitution"]["val_score"]["substitution"] == pytest.approx(0.705)
-    assert decisions["substitution"]["test_score"]["predict"] == pytest.approx(0.4)
-    assert decisions["stop_grad_target"]["value"] is False
-    assert decisions["pred_loss_weight"]["value"] == 1.0  # lambda_0.1 lacks a setting: not a candidate
-    assert set(decisions["pred_loss_weight"]["val_score"]) == {"predict", "lambda_10"}
+    # lambda_0.1 lacks a setting: not a candidate; zero is not a configuration of the method.
+    rows = [r for r in rows if not (r["variant"] == "lambda_0.1" and r["setting"] == "complete")]
+    decision = ablation.decide_defaults(rows)
+    assert decision["chosen_variant"] == "stop_grad+substitution"
+    assert decision["defaults"] == {"substitution": True, "stop_grad_target": True, "pred_loss_weight": 1.0}
+    ranking = {r["variant"]: r for r in decision["ranking"]}
+    assert set(ranking) == {"predict", "substitution", "stop_grad", "stop_grad+substitution"}
+    assert ranking["substitution"]["val_score"] == pytest.approx(0.705)
+    assert ranking["predict"]["test_score"] == pytest.approx(0.4)
+    assert "lambda_0.1" in decision["candidates_missing"]
+
+
+def test_stored_cells_are_reused_only_for_the_same_training():
+    cell = {"setting": "missing", "variant": "stop_grad", "strategy": "predict", "seed": 0,
+            "options": {**ablation.REFERENCE, "stop_grad_target": True}}
+    # A cell written before the options were spelled out, with the same meaning.
+    assert ablation.same_training({**cell, "options": {"stop_grad_target": True}}, cell)
+    assert not ablation.same_training({**cell, "options": {}}, cell)
+    assert not ablation.same_training({**cell, "strategy": "zero"}, cell)
