@@ -119,6 +119,8 @@ def _tiny_args(data_config: str, root: Path | None, tmp: Path, *extra: str) -> l
         "--data.batch_size", "4",
         "--data.missing_table_dir", str(tmp / "tables"),
         "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
+        # fast_dev_run swaps the logger out, and checkpoints then go under default_root_dir (the cwd).
+        "--trainer.default_root_dir", str(tmp / "root"),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         *extra,
