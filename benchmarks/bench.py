@@ -151,6 +151,8 @@ class Workload:
     """One configuration built and ready: the system, its optimiser, a batch, and step functions."""
 
     def __init__(self, cfg: dict, workdir: Path) -> None:
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg["threads"])
         self.cfg = cfg
         self.device = common.resolve_device(cfg["device"])
         self.autocast = common.autocast_for(self.device)
@@ -301,6 +303,7 @@ def configurations(args: argparse.Namespace) -> list[dict]:
         "steps": args.steps,
         "infer_steps": args.infer_steps,
         "device": args.device,
+        "threads": args.threads,
     }
     configs = [
         {**common_cfg, "mode": mode, "predictor_length": DEFAULT_PREDICTOR_LENGTH, "strategy": "predict"}
@@ -364,7 +367,7 @@ def markdown(document: dict) -> str:
     s = document["settings"]
     header = document["header"]
     machine = header["machine"]
-    where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} torch threads)"
+    where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores, {s.get('threads', machine['torch_threads'])} torch threads)"
     memory_column = "train peak alloc (MiB)" if s["device_type"] == "cuda" else "peak RSS (MiB)"
     load = machine.get("load_average")
     lines = [
@@ -426,6 +429,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (the median is reported)")
     parser.add_argument("--infer-steps", type=int, default=5, help="timed inference batches")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0 = torch's default); on a busy shared CPU one thread avoids waiting for a "
+                             "descheduled second one at every operator")
     parser.add_argument("--no-predictor-overhead", action="store_true", help="skip the predictor_length=0 run")
     parser.add_argument("--isolation", choices=("auto", "subprocess", "inprocess"), default="auto",
                         help="one fresh process per mode (auto: on CPU, where peak RSS needs it) or all in this one")
@@ -488,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device_type": device.type,
             "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
             "isolation": isolation,
+            "threads": args.threads or torch.get_num_threads(),
             "predictor_length": DEFAULT_PREDICTOR_LENGTH,
             "strategy": "predict",
         },
