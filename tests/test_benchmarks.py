@@ -366,3 +366,14 @@ def test_stored_cells_are_reused_only_for_the_same_training():
     assert ablation.same_training({**cell, "options": {"stop_grad_target": True}}, cell)
     assert not ablation.same_training({**cell, "options": {}}, cell)
     assert not ablation.same_training({**cell, "strategy": "zero"}, cell)
+
+
+def test_ablation_trains_combinations_and_plain_baselines(tmp_path):
+    data = _synthetic_data(tmp_path / "data.pt")
+    document = ablation.main(_tiny_ablation_args(tmp_path, data, "missing", "stop_grad+substitution",
+                                                 "lambda_0+substitution", "zero_plain"))
+    options = {r["variant"]: r["options"] for r in document["rows"]}
+    assert options["stop_grad+substitution"] == {**ablation.REFERENCE, "stop_grad_target": True, "substitution": True}
+    assert options["zero_plain"]["predictor_length"] == 0
+    assert {r["strategy"] for r in document["rows"] if r["variant"] == "zero_plain"} == {"zero"}
+    assert document["cells_missing"] == []
