@@ -631,7 +631,7 @@ def markdown(document: dict) -> str:
     lines = [
         f"Ablation on emoji (9 groups), {cfg['image_backbone']} + {cfg['text_backbone']}, PEFT {cfg['peft']}, "
         f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']}, {cfg['image_size']} px; "
-        f"seeds {document['seeds_done']}; {where}; {header['date']}; `{header['command']}`."
+        f"seeds {document['seeds_done']}; tabulated on {where}, {header['date']}: `{header['command']}`."
         + (f" Cells trained on: {', '.join(document['cells_machines'])}." if document.get("cells_machines") else "")
         + (f" {document['cells_note']}" if document.get("cells_note") else ""),
         "",
