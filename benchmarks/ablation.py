@@ -77,6 +77,7 @@ SWITCHES: dict[str, dict[str, Any]] = {
 COMBOS: dict[str, dict[str, Any]] = {
     "stop_grad+substitution": {"stop_grad_target": True, "substitution": True},
     "stop_grad+lambda_0.1": {"stop_grad_target": True, "pred_loss_weight": 0.1},
+    "stop_grad+lambda_10": {"stop_grad_target": True, "pred_loss_weight": 10.0},
     "stop_grad+substitution+lambda_0.1": {"stop_grad_target": True, "substitution": True, "pred_loss_weight": 0.1},
     "lambda_0+substitution": {"pred_loss_weight": 0.0, "substitution": True},
 }

@@ -14,7 +14,8 @@
 #   a quick CPU check of this script: DEVICE=cpu EXTRA_BENCH="--encoders tiny --image-size 32 ..."),
 #   SKIP_BENCH=1 (ablation only), RESUME_CELLS (a cells .tar.gz of an earlier run, e.g.
 #   benchmarks/results/2026-11-27-h200/ablation_cells.tar.gz: its finished cells are not trained again).
-# Follow-up of the 2026-11-27 H200 run (plain baselines, switch combinations, 3 unfinished cells; ~3 min):
+# Follow-up of the 2026-11-27 H200 run (plain baselines, switch combinations, 3 unfinished cells: 51 cells,
+# estimated 3-4 min on an H200; TOTAL_MIN=7 is enough):
 #   SKIP_BENCH=1 RESUME_CELLS=benchmarks/results/2026-11-27-h200/ablation_cells.tar.gz bash benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
