@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.base import ImageReader
+from datamodules.base import ImageReader, SampleRecord
 from datamodules.transforms import decode_image
 
 
@@ -107,3 +107,22 @@ def texts_of(value: Any, where: str = "") -> list[str | None]:
     if isinstance(value, (list, tuple)):
         return list(value) if value else [None]
     raise TypeError(f"{where + ': ' if where else ''}expected a string or a list of strings, got {type(value).__name__}")
+
+
+def arrow_text_records(path: Path, table, labels: list[Any], ids: list[Any] | None) -> list[SampleRecord]:
+    """One record per (row, text) of a MAP arrow table whose ``text`` column holds one or several texts.
+
+    A row with several texts gives ids ``<key>#<k>`` that share the row's key (and so its missing code);
+    ``key`` is the row's id column value, else ``row<N>``.
+    """
+    records = []
+    for row, (texts, label) in enumerate(zip(table.column("text").to_pylist(), labels, strict=True)):
+        key = str(ids[row]) if ids is not None else f"row{row}"
+        where = f"arrow file {path} row {row} column 'text'"
+        texts = texts_of(texts, where)
+        for k, text in enumerate(texts):
+            records.append(
+                SampleRecord(id=key if len(texts) == 1 else f"{key}#{k}", key=key, image=row, text=text,
+                             label=label, text_source=where)
+            )
+    return records

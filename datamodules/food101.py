@@ -20,7 +20,13 @@ import csv
 import io
 from pathlib import Path
 
-from datamodules.arrow import ArrowImageReader, find_arrow_file, open_arrow_table, require_columns, texts_of
+from datamodules.arrow import (
+    ArrowImageReader,
+    arrow_text_records,
+    find_arrow_file,
+    open_arrow_table,
+    require_columns,
+)
 from datamodules.base import (
     FileImageReader,
     ImageReader,
@@ -148,21 +154,5 @@ class Food101DataModule(MissingModalityDataModule):
         table = open_arrow_table(path)
         require_columns(table, path, ["image", "text", "label"])
         ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else None
-        records = []
-        for row, (texts, label) in enumerate(
-            zip(table.column("text").to_pylist(), table.column("label").to_pylist(), strict=True)
-        ):
-            key = str(ids[row]) if ids is not None else f"row{row}"
-            texts = texts_of(texts, f"arrow file {path} row {row} column 'text'")
-            for k, text in enumerate(texts):
-                records.append(
-                    SampleRecord(
-                        id=key if len(texts) == 1 else f"{key}#{k}",
-                        key=key,
-                        image=row,
-                        text=text,
-                        label=label,
-                        text_source=f"arrow file {path} row {row} column 'text'",
-                    )
-                )
-        return records, ArrowImageReader(path, "image")
+        labels = table.column("label").to_pylist()
+        return arrow_text_records(path, table, labels, ids), ArrowImageReader(path, "image")

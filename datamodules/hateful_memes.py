@@ -18,7 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from datamodules.arrow import ArrowImageReader, find_arrow_file, open_arrow_table, require_columns, texts_of
+from datamodules.arrow import (
+    ArrowImageReader,
+    arrow_text_records,
+    find_arrow_file,
+    open_arrow_table,
+    require_columns,
+)
 from datamodules.base import (
     FileImageReader,
     ImageReader,
@@ -135,19 +141,4 @@ class HatefulMemesDataModule(MissingModalityDataModule):
             if column in table.column_names:
                 ids = table.column(column).to_pylist()
                 break
-        records = []
-        for row, (texts, label) in enumerate(zip(table.column("text").to_pylist(), labels, strict=True)):
-            key = str(ids[row]) if ids is not None else f"row{row}"
-            texts = texts_of(texts, f"arrow file {path} row {row} column 'text'")
-            for k, text in enumerate(texts):
-                records.append(
-                    SampleRecord(
-                        id=key if len(texts) == 1 else f"{key}#{k}",
-                        key=key,
-                        image=row,
-                        text=text,
-                        label=label,
-                        text_source=f"arrow file {path} row {row} column 'text'",
-                    )
-                )
-        return records, ArrowImageReader(path, "image")
+        return arrow_text_records(path, table, labels, ids), ArrowImageReader(path, "image")

@@ -126,3 +126,18 @@ def build_prompt_modules(
     if predictor_length > 0:
         readonly_tokens = DeepPrompts(1, predictor_length, dim)
     return task_prompts, readonly_tokens
+
+
+class PromptedEncoder(nn.Module):
+    """Base of the image and text encoders: the token counts of their task prompts and read-only tokens."""
+
+    task_prompts: DeepPrompts | None
+    readonly_tokens: DeepPrompts | None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.task_prompts.length if self.task_prompts is not None else 0
+
+    @property
+    def num_readonly_tokens(self) -> int:
+        return self.readonly_tokens.length if self.readonly_tokens is not None else 0

@@ -17,12 +17,17 @@ import torch
 from torch import nn
 
 from lightning_modules.peft_modes import IMAGE_LORA_TARGETS, apply_peft_mode, check_peft_mode
-from lightning_modules.prompts import EncoderOutput, build_prompt_modules, readonly_attention_mask
+from lightning_modules.prompts import (
+    EncoderOutput,
+    PromptedEncoder,
+    build_prompt_modules,
+    readonly_attention_mask,
+)
 
 IMAGE_POOLINGS: tuple[str, ...] = ("cls", "mean")
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(PromptedEncoder):
     """A timm ViT adapted by one PEFT mode, with optional read-only predictor tokens.
 
     Args:
@@ -82,14 +87,6 @@ class ImageEncoder(nn.Module):
             peft_mode, prompt_length, prompt_depth, predictor_length,
             self.embed_dim, self.num_layers, "image encoder",
         )
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.task_prompts.length if self.task_prompts is not None else 0
-
-    @property
-    def num_readonly_tokens(self) -> int:
-        return self.readonly_tokens.length if self.readonly_tokens is not None else 0
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         """Encode ``images`` ``[B, 3, H, W]`` into the embedding ``[B, D]`` and the read-only features ``[B, D]``."""

@@ -18,6 +18,7 @@ from torch import nn
 from lightning_modules.peft_modes import TEXT_LORA_TARGETS, apply_peft_mode, check_peft_mode
 from lightning_modules.prompts import (
     EncoderOutput,
+    PromptedEncoder,
     additive_mask,
     build_prompt_modules,
     readonly_attention_mask,
@@ -28,7 +29,7 @@ TEXT_POOLINGS: tuple[str, ...] = ("cls", "mean")
 _MASKABLE_ATTENTION = ("eager", "sdpa")
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(PromptedEncoder):
     """A BERT-like transformers model adapted by one PEFT mode, with optional read-only predictor tokens.
 
     Args:
@@ -86,14 +87,6 @@ class TextEncoder(nn.Module):
             peft_mode, prompt_length, prompt_depth, predictor_length,
             self.embed_dim, self.num_layers, "text encoder",
         )
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.task_prompts.length if self.task_prompts is not None else 0
-
-    @property
-    def num_readonly_tokens(self) -> int:
-        return self.readonly_tokens.length if self.readonly_tokens is not None else 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         """Encode token ids ``[B, L]`` (with ``attention_mask`` ``[B, L]``, 1 = real token) into ``[B, D]`` twice."""
