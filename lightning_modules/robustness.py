@@ -299,10 +299,12 @@ def fuse_setting(
     return torch.cat(logits)
 
 
-def _metric_values(logits: torch.Tensor, labels: torch.Tensor, task: str, num_classes: int) -> dict[str, float]:
+def _metric_values(
+    logits: torch.Tensor, labels: torch.Tensor, task: str, num_classes: int, threshold: float = 0.5
+) -> dict[str, float]:
     from lightning_modules.metrics import build_metric_collection, metric_inputs
 
-    collection = build_metric_collection(task, num_classes)
+    collection = build_metric_collection(task, num_classes, threshold)
     preds, target = metric_inputs(logits, labels, task)
     collection.update(preds, target)
     return {name: float(value) for name, value in collection.compute().items()}
@@ -357,7 +359,8 @@ def evaluate_robustness(
     """Evaluate ``system`` (weights already loaded) on the test split of ``datamodule`` over the grid.
 
     Args:
-        system: a ``UnipairSystem`` (``encode``, ``fuse_with_missing``, ``hparams.missing_strategy``).
+        system: a ``UnipairSystem`` (``encode``, ``fuse_with_missing``, ``hparams.missing_strategy``,
+            ``hparams.multilabel_threshold``: the metrics use the model's settings, as ``unipair test``).
         datamodule: the DataModule of the run (its class and arguments; its own test setting is
             ignored: a complete copy is encoded, and each setting's table is applied afterwards).
         missing_rates, missing_types: the grid.
@@ -386,6 +389,8 @@ def evaluate_robustness(
     encoded = encode_split(system, complete.test_dataloader(), keys_by_id, device, autocast, progress)
     strategy = str(system.hparams.missing_strategy)
     task, num_classes = datamodule.task, int(datamodule.num_classes)
+    # The model's metric settings, as ``unipair test`` uses them.
+    threshold = float(system.hparams.get("multilabel_threshold", 0.5))
     primary = MONITOR_METRIC[task]
     batch_size = max(int(getattr(datamodule, "batch_size", 256)), 256)
     rows: list[dict] = []
@@ -393,7 +398,7 @@ def evaluate_robustness(
         codes = setting_codes(complete, encoded.keys, missing_type, missing_rate, both_ratio)
         image_present, text_present = presence_for_codes(codes, encoded.image_usable, encoded.text_usable)
         logits = fuse_setting(system, encoded, image_present, text_present, device, batch_size, autocast)
-        values = _metric_values(logits, encoded.labels, task, num_classes)
+        values = _metric_values(logits, encoded.labels, task, num_classes, threshold)
         counts = {
             "n_complete": int((image_present & text_present).sum()),
             "n_text_missing": int((image_present & ~text_present).sum()),

@@ -28,7 +28,7 @@ from lightning_modules.robustness import (
     read_robustness_json,
     write_robustness_files,
 )
-from tests.fixtures_data import make_food101
+from tests.fixtures_data import make_food101, make_mmimdb
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -121,9 +121,9 @@ def test_presence_rule_matches_datamodule_rule():
 # ------------------------------------------------------------------------------------- end to end
 
 
-def _common_args(root: Path, tmp: Path) -> list[str]:
+def _common_args(root: Path, tmp: Path, data_config: str = "food101.yaml") -> list[str]:
     return [
-        "--config", str(CONFIGS / "data" / "food101.yaml"),
+        "--config", str(CONFIGS / "data" / data_config),
         "--config", str(CONFIGS / "model" / "tiny.yaml"),
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--data.root", str(root),
@@ -207,3 +207,25 @@ def test_robustness_requires_checkpoint(tmp_path):
     root = make_food101(tmp_path)
     with pytest.raises(ValueError, match="robustness needs --ckpt_path"):
         make_cli(["robustness", *_common_args(root, tmp_path)])
+
+
+@pytest.mark.slow
+def test_robustness_uses_the_model_multilabel_threshold(tmp_path):
+    """MM-IMDb rows equal ``unipair test`` with the model's (non-default) threshold, not with 0.5."""
+    from lightning_modules.robustness import evaluate_robustness
+
+    root = make_mmimdb(tmp_path, n_train=8, n_dev=4, n_test=6)
+    common = [*_common_args(root, tmp_path, "mmimdb.yaml"), "--model.init_args.multilabel_threshold", "0.1"]
+    fitted = make_cli(["fit", *common, "--trainer.max_epochs", "1"])
+    ckpt = fitted.trainer.checkpoint_callback.last_model_path
+    out_dir = tmp_path / "sweep"
+    make_cli(["robustness", *common, "--ckpt_path", ckpt, "--out_dir", str(out_dir),
+              "--missing_rates", "[0.5]", "--missing_types", "[image]", "--progress", "false"])
+    rows = {r["metric"]: r["value"] for r in read_robustness_json(out_dir / "robustness.json")["rows"]}
+    expected = _test_metrics({"common": common}, ckpt, "image", 0.5)
+    for metric in ("f1_macro", "f1_micro", "f1_weighted", "f1_samples"):
+        assert rows[metric] == pytest.approx(expected[f"test/{metric}"], abs=1e-6), metric
+    # The same weights scored at 0.5 differ: the threshold is what the comparison above checks.
+    fitted.model.hparams.multilabel_threshold = 0.5
+    at_half, _ = evaluate_robustness(fitted.model, fitted.datamodule, [0.5], ["image"], progress=False)
+    assert any(abs(r["value"] - rows[r["metric"]]) > 1e-3 for r in at_half)
