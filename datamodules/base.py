@@ -28,7 +28,6 @@ are both bad is always an error.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections import Counter
@@ -52,6 +51,7 @@ from datamodules.missing import (
     sample_missing_table,
     table_file_stem,
 )
+from datamodules.preprocessing import cached_image_data_config, cached_tokenizer
 from datamodules.sampling import (
     EpochShuffleSampler,
     EvenShardBatchSampler,
@@ -273,20 +273,6 @@ class MissingModalityDataset(Dataset):
         }
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_tokenizer(name: str):
-    from lightning_modules.encoders.sources import create_tokenizer
-
-    return create_tokenizer(name)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_data_config(name: str, image_size: int | None) -> tuple:
-    from lightning_modules.encoders.sources import image_data_config
-
-    return tuple(sorted(image_data_config(name, image_size).items()))
-
-
 class MissingModalityDataModule(L.LightningDataModule):
     """Base DataModule: missing-modality simulation, bad-input policy, transforms and collation.
 
@@ -423,11 +409,11 @@ class MissingModalityDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self):
-        return _cached_tokenizer(self.text_encoder)
+        return cached_tokenizer(self.text_encoder)
 
     @property
     def data_config(self) -> dict:
-        return dict(_cached_data_config(self.image_encoder, self.image_size))
+        return cached_image_data_config(self.image_encoder, self.image_size)
 
     # ---------------------------------------------------------------------------- missing tables
 

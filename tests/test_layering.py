@@ -1,0 +1,59 @@
+"""One-way layering: models may depend on data, never the reverse.
+
+Every module under ``datamodules/`` is parsed with ``ast`` and each import statement, including
+those inside functions and ``if TYPE_CHECKING`` blocks, is checked: none may name
+``lightning_modules``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FORBIDDEN = "lightning_modules"
+
+
+def forbidden_imports(source: str, filename: str = "<string>") -> list[tuple[int, str]]:
+    """(line, imported module) of every import of ``lightning_modules`` (or a submodule) in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, name) for name in names if name.split(".")[0] == FORBIDDEN]
+    return found
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import lightning_modules",
+        "import os, lightning_modules.encoders.sources as s",
+        "from lightning_modules.encoders import sources",
+        "def f():\n    from lightning_modules.encoders.sources import create_tokenizer\n",
+        "class A:\n    def m(self):\n        if True:\n            import lightning_modules.system\n",
+    ],
+)
+def test_checker_finds_every_form_of_import(source):
+    assert forbidden_imports(source), source
+
+
+def test_checker_ignores_other_and_relative_imports():
+    assert forbidden_imports("import lightning\nfrom lightning.pytorch import Trainer\nfrom . import base\n") == []
+
+
+def test_datamodules_never_import_lightning_modules():
+    files = sorted((REPO / "datamodules").rglob("*.py"))
+    assert files, "no datamodules package found"
+    offenders = [
+        f"{path.relative_to(REPO)}:{line}: imports {name}"
+        for path in files
+        for line, name in forbidden_imports(path.read_text(encoding="utf-8"), str(path))
+    ]
+    assert not offenders, "datamodules must not import lightning_modules:\n" + "\n".join(offenders)
