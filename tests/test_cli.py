@@ -66,7 +66,6 @@ def test_every_shipped_config_is_covered():
     assert len(ALL_CONFIGS) >= 25
     for folder in ("data", "missing", "model", "trainer", "experiment"):
         assert any(c.startswith(folder + "/") for c in ALL_CONFIGS), folder
-    assert (CONFIGS / "slurm" / "multinode.sbatch").is_file()
 
 
 def test_help_lists_subcommands(capsys):
