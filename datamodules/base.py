@@ -2,8 +2,8 @@
 
 A dataset subclass only says how to list its samples and open their images (``_read_split``) and
 what its labels are. This base class turns those lists into the batches of
-the project (see :mod:`datamodules.collate`), applying the missing-modality protocol of DESIGN.md
-section 3 and the bad-input policy.
+the project (the contract is :mod:`datamodules.batch`), applying the missing-modality protocol
+(:mod:`datamodules.missing`) and the bad-input policy.
 
 Where bad inputs are checked:
 
@@ -41,11 +41,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
+from datamodules.batch import (
+    ATTENTION_MASK,
+    ID,
+    IMAGE,
+    IMAGE_FILLER_VALUE,
+    IMAGE_MISSING,
+    IMAGE_PRESENT,
+    INPUT_IDS,
+    LABEL,
+    NO_LABEL,
+    SPLITS,
+    TASKS,  # noqa: F401  (importable from here, as before)
+    TEXT_MISSING,
+    TEXT_PRESENT,
+    case_counts,
+    empty_text_ids,
+    presence_from_codes,
+)
 from datamodules.collate import MissingModalityCollate
 from datamodules.missing import (
-    CODE_NAMES,
-    IMAGE_MISSING,
-    TEXT_MISSING,
     MissingSetting,
     load_or_create_missing_table,
     sample_missing_table,
@@ -62,10 +77,7 @@ from datamodules.transforms import build_image_transform, decode_image
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 BAD_SAMPLE_POLICIES = ("error", "missing")
-TASKS = ("multiclass", "multilabel", "binary")
-NO_LABEL = -1  # label of a sample whose source has no label (predict only; test refuses such splits)
 
 # Per-sample bit flags of bad inputs; one uint8 per sample, shared with DataLoader workers.
 FLAG_IMAGE_ABSENT = 1
@@ -264,12 +276,12 @@ class MissingModalityDataset(Dataset):
                     text_present = True
                     self.flags[index] |= FLAG_TABLE_OVERRIDDEN
         return {
-            "id": self.ids[index],
-            "image": image,  # uint8 [3, H, W], or None: the collate function puts the filler in
-            "input_ids": self.token_ids(index) if text_present else self.empty_text_ids,
-            "image_present": image_present,
-            "text_present": text_present,
-            "label": self._label(index),
+            ID: self.ids[index],
+            IMAGE: image,  # uint8 [3, H, W], or None: the collate function puts the filler in
+            INPUT_IDS: self.token_ids(index) if text_present else self.empty_text_ids,
+            IMAGE_PRESENT: image_present,
+            TEXT_PRESENT: text_present,
+            LABEL: self._label(index),
         }
 
 
@@ -526,14 +538,8 @@ class MissingModalityDataModule(L.LightningDataModule):
             )
 
         codes = self._codes_for(split, records)
-        image_present = image_ok & (codes != IMAGE_MISSING)
-        text_present = text_ok & (codes != TEXT_MISSING)
         # Never both missing: a bad input on the modality the table keeps restores the dropped one.
-        restore_image = ~image_present & ~text_present & image_ok
-        restore_text = ~image_present & ~text_present & text_ok
-        image_present |= restore_image
-        text_present |= restore_text
-        overridden = restore_image | restore_text
+        image_present, text_present, overridden = presence_from_codes(codes, image_ok, text_ok)
         flags[torch.from_numpy(overridden)] |= FLAG_TABLE_OVERRIDDEN
 
         tokenizer = self.tokenizer
@@ -562,7 +568,7 @@ class MissingModalityDataModule(L.LightningDataModule):
             if encoded
             else np.zeros(0, np.int32)
         )
-        empty_ids = tokenizer("", truncation=True, max_length=self.max_text_len)["input_ids"]
+        empty_ids = empty_text_ids(tokenizer, self.max_text_len)
 
         data_config = self.data_config
         transform = build_image_transform(data_config, train=(split == "train"), augment=self.train_augment)
@@ -579,11 +585,7 @@ class MissingModalityDataModule(L.LightningDataModule):
                 bad,
                 problems[:3],
             )
-        summary = {
-            "complete": int((image_present & text_present).sum()),
-            "text_missing": int((image_present & ~text_present).sum()),
-            "image_missing": int((~image_present & text_present).sum()),
-        }
+        summary = case_counts(image_present, text_present)
         log.info(
             "%s %s split: %d samples, %s (setting %s)",
             type(self).__name__,
@@ -730,22 +732,22 @@ class MissingModalityDataModule(L.LightningDataModule):
         table = self.dynamic_codes(epoch)
         key_of = self._train_key_of()
         empty = self.datasets["train"].empty_text_ids
-        for row, sample_id in enumerate(batch["id"]):
+        for row, sample_id in enumerate(batch[ID]):
             code = table[key_of[sample_id]]
             if code == 0:
                 continue
-            if not (batch["image_present"][row] and batch["text_present"][row]):
+            if not (batch[IMAGE_PRESENT][row] and batch[TEXT_PRESENT][row]):
                 self.dynamic_skipped += 1
                 continue
             if code == IMAGE_MISSING:
-                batch["image"][row] = 1.0
-                batch["image_present"][row] = False
+                batch[IMAGE][row] = IMAGE_FILLER_VALUE
+                batch[IMAGE_PRESENT][row] = False
             elif code == TEXT_MISSING:
-                batch["input_ids"][row] = self.tokenizer.pad_token_id
-                batch["input_ids"][row, : len(empty)] = empty.to(batch["input_ids"].device)
-                batch["attention_mask"][row] = 0
-                batch["attention_mask"][row, : len(empty)] = 1
-                batch["text_present"][row] = False
+                batch[INPUT_IDS][row] = self.tokenizer.pad_token_id
+                batch[INPUT_IDS][row, : len(empty)] = empty.to(batch[INPUT_IDS].device)
+                batch[ATTENTION_MASK][row] = 0
+                batch[ATTENTION_MASK][row, : len(empty)] = 1
+                batch[TEXT_PRESENT][row] = False
         return batch
 
     def _train_key_of(self) -> dict[str, str]:
@@ -850,12 +852,7 @@ class MissingModalityDataModule(L.LightningDataModule):
     def missing_summary(self, split: str) -> dict[str, int]:
         """Samples of ``split`` per code as set up (before load-time findings): complete/text/image missing."""
         ds = self.datasets[split]
-        ip, tp = ds.image_present, ds.text_present
-        return {
-            CODE_NAMES[0]: int((ip & tp).sum()),
-            CODE_NAMES[TEXT_MISSING]: int((ip & ~tp).sum()),
-            CODE_NAMES[IMAGE_MISSING]: int((~ip & tp).sum()),
-        }
+        return case_counts(ds.image_present, ds.text_present)
 
     def teardown(self, stage: str) -> None:
         counts = {s: {k: v for k, v in c.items() if v} for s, c in self.bad_sample_counts.items()}

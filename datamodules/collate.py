@@ -1,4 +1,4 @@
-"""Collation into the project's batch dict (see the README "Batch").
+"""Collation into the project's batch (the contract is :mod:`datamodules.batch`).
 
 Per-sample items (from :class:`datamodules.base.MissingModalityDataset`) carry token ids
 (tokenised once at setup, truncated to ``max_text_len``; a missing text carries the token ids of the
@@ -11,11 +11,7 @@ missing). Collation:
   encoder's timm transform would do per sample, but one tensor operation per batch: per-sample
   normalisation cost 20 ms per 112 px image on a busy 2-core CPU, batched 1 ms) and puts MAP's
   missing-image filler, all ones *after* normalisation, in the rows without an image;
-- stacks everything:
-
-  ``image`` float32 [B, 3, H, W], ``input_ids`` / ``attention_mask`` int64 [B, L],
-  ``image_present`` / ``text_present`` bool [B], ``label`` int64 [B] (multiclass, binary) or
-  float32 [B, C] multi-hot (multilabel), ``id`` list[str].
+- stacks everything into the fields of :data:`datamodules.batch.BATCH_FIELDS`.
 """
 
 from __future__ import annotations
@@ -24,6 +20,17 @@ from collections.abc import Sequence
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+from datamodules.batch import (
+    ATTENTION_MASK,
+    ID,
+    IMAGE,
+    IMAGE_FILLER_VALUE,
+    IMAGE_PRESENT,
+    INPUT_IDS,
+    LABEL,
+    TEXT_PRESENT,
+)
 
 
 class MissingModalityCollate:
@@ -52,31 +59,31 @@ class MissingModalityCollate:
         self.image_size = (int(image_size[0]), int(image_size[1]))
 
     def images(self, items: Sequence[dict]) -> torch.Tensor:
-        """Normalised float32 images [B, 3, H, W]; rows without an image are all ones."""
-        present = [i for i, item in enumerate(items) if item["image"] is not None]
-        out = torch.ones(len(items), 3, *self.image_size, dtype=torch.float32)
+        """Normalised float32 images [B, 3, H, W]; rows without an image are the filler."""
+        present = [i for i, item in enumerate(items) if item[IMAGE] is not None]
+        out = torch.full((len(items), 3, *self.image_size), IMAGE_FILLER_VALUE, dtype=torch.float32)
         if present:
-            pixels = torch.stack([items[i]["image"] for i in present]).float().div_(255.0)
+            pixels = torch.stack([items[i][IMAGE] for i in present]).float().div_(255.0)
             out[present] = pixels.sub_(self.mean).div_(self.std)
         return out
 
     def __call__(self, items: Sequence[dict]) -> dict:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        token_ids = [item["input_ids"] for item in items]
+        token_ids = [item[INPUT_IDS] for item in items]
         input_ids = pad_sequence(token_ids, batch_first=True, padding_value=self.pad_token_id)
         lengths = torch.tensor([len(t) for t in token_ids])
         attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         if self.task == "multilabel":
-            label = torch.stack([item["label"] for item in items]).float()
+            label = torch.stack([item[LABEL] for item in items]).float()
         else:
-            label = torch.tensor([item["label"] for item in items], dtype=torch.long)
+            label = torch.tensor([item[LABEL] for item in items], dtype=torch.long)
         return {
-            "image": self.images(items),
-            "input_ids": input_ids.long(),
-            "attention_mask": attention_mask,
-            "image_present": torch.tensor([item["image_present"] for item in items], dtype=torch.bool),
-            "text_present": torch.tensor([item["text_present"] for item in items], dtype=torch.bool),
-            "label": label,
-            "id": [item["id"] for item in items],
+            IMAGE: self.images(items),
+            INPUT_IDS: input_ids.long(),
+            ATTENTION_MASK: attention_mask,
+            IMAGE_PRESENT: torch.tensor([item[IMAGE_PRESENT] for item in items], dtype=torch.bool),
+            TEXT_PRESENT: torch.tensor([item[TEXT_PRESENT] for item in items], dtype=torch.bool),
+            LABEL: label,
+            ID: [item[ID] for item in items],
         }

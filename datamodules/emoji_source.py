@@ -46,6 +46,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from datamodules.batch import SPLITS
 from datamodules.cache import (
     CacheError,
     atomic_directory,
@@ -112,7 +113,6 @@ MANIFEST = "MANIFEST.json"
 DROPPED_GROUPS = ("component",)
 LABELS = ("group", "subgroup")
 SUBGROUP_MIN_ITEMS = 10  # the subgroup variant keeps subgroups with at least this many items (58 of them)
-SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 DEFAULT_SPLIT_SEED = 0
 _SPLIT_COLUMNS = ["id", "group", "subgroup", "split"]

@@ -1,4 +1,4 @@
-"""Missing-modality tables: the MAP-compatible protocol of DESIGN.md section 3.
+"""Missing-modality tables: the MAP-compatible protocol.
 
 Pure functions (no torch, no Lightning) so the protocol can be tested and reused on its own.
 
@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-COMPLETE = 0
-TEXT_MISSING = 1
-IMAGE_MISSING = 2
-CODE_NAMES = {COMPLETE: "complete", TEXT_MISSING: "text_missing", IMAGE_MISSING: "image_missing"}
+# The codes are part of the batch contract; importable from here too.
+from datamodules.batch import CODE_NAMES, COMPLETE, IMAGE_MISSING, TEXT_MISSING  # noqa: F401
+
 MISSING_TYPES = ("text", "image", "both")
 TABLE_FORMAT_VERSION = 1
 
@@ -107,7 +106,7 @@ class MissingSetting:
 def standard_missing_setting(
     name: str, missing_rate: float = 0.7, missing_type: str = "both", both_ratio: float = 0.5
 ) -> dict[str, dict]:
-    """DataModule keyword arguments for the two standard settings of DESIGN.md section 3.
+    """DataModule keyword arguments for MAP's two standard settings.
 
     ``"complete_training"``: train eta = 0, val/test eta = ``missing_rate``.
     ``"missing_training"``: train, val and test all at ``missing_rate`` with the same type.
@@ -143,7 +142,7 @@ def rank_by_hash(ids: Sequence[str], key: int) -> np.ndarray:
 
 
 def table_seed(seed: int, dataset: str, split: str, missing_type: str, missing_rate: float) -> int:
-    """The seed of one table, derived from the tuple DESIGN.md section 3 names."""
+    """The seed of one table, derived from (seed, dataset, split, missing type, missing rate)."""
     return derive_seed("missing-table", int(seed), dataset, split, missing_type, float(missing_rate))
 
 

@@ -41,6 +41,16 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import read_text_file
+from datamodules.batch import (
+    ID,
+    IMAGE,
+    IMAGE_PRESENT,
+    INPUT_IDS,
+    LABEL,
+    NO_LABEL,
+    TEXT_PRESENT,
+    empty_text_ids,
+)
 
 ALLOWED_FIELDS = ("id", "image", "text")
 
@@ -162,7 +172,7 @@ class JsonlPredictionDataset(Dataset):
         encoded = tokenizer(texts, truncation=True, max_length=max_text_len)["input_ids"] if texts else []
         by_row = iter(encoded)
         self.token_ids = [None if row.text is None else torch.tensor(next(by_row), dtype=torch.long) for row in self.rows]
-        self.empty_text_ids = torch.tensor(tokenizer("", truncation=True, max_length=max_text_len)["input_ids"], dtype=torch.long)
+        self.empty_text_ids = torch.tensor(empty_text_ids(tokenizer, max_text_len), dtype=torch.long)
         self.line_of = {row.id: row.line for row in self.rows}
 
     def __len__(self) -> int:
@@ -182,14 +192,14 @@ class JsonlPredictionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        label: Any = torch.zeros(self.num_classes) if self.task == "multilabel" else -1  # no label at predict time
+        label: Any = torch.zeros(self.num_classes) if self.task == "multilabel" else NO_LABEL
         return {
-            "id": row.id,
-            "image": None if row.image is None else self._image(row),
-            "input_ids": self.empty_text_ids if self.token_ids[index] is None else self.token_ids[index],
-            "image_present": row.image is not None,
-            "text_present": row.text is not None,
-            "label": label,
+            ID: row.id,
+            IMAGE: None if row.image is None else self._image(row),
+            INPUT_IDS: self.empty_text_ids if self.token_ids[index] is None else self.token_ids[index],
+            IMAGE_PRESENT: row.image is not None,
+            TEXT_PRESENT: row.text is not None,
+            LABEL: label,
         }
 
     def check_images(self) -> None:

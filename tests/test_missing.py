@@ -1,4 +1,4 @@
-"""The missing-modality protocol (DESIGN.md section 3) on the pure functions of datamodules.missing."""
+"""The missing-modality protocol on the pure functions of datamodules.missing and datamodules.batch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+from datamodules.batch import case_counts, filler_inputs, presence_from_codes
 from datamodules.missing import (
     COMPLETE,
     IMAGE_MISSING,
@@ -218,3 +220,28 @@ def test_table_with_other_parameters_or_broken_content_raises(tmp_path):
     meta_path.unlink()
     with pytest.raises(MissingTableError, match="no parameter sidecar"):
         _table(tmp_path, IDS_1000)
+
+
+@pytest.mark.parametrize("as_array", [np.asarray, torch.as_tensor])
+def test_presence_from_codes_never_leaves_a_sample_without_both(as_array):
+    # codes: complete, text dropped, image dropped, text dropped but image unusable, image dropped but
+    # text unusable, complete with the image unusable
+    codes = as_array(np.array([0, 1, 2, 1, 2, 0], dtype=np.int8))
+    image_usable = as_array(np.array([True, True, True, False, True, False]))
+    text_usable = as_array(np.array([True, True, True, True, False, True]))
+    image, text, overridden = presence_from_codes(codes, image_usable, text_usable)
+    assert [bool(v) for v in image] == [True, True, False, False, True, False]
+    assert [bool(v) for v in text] == [True, False, True, True, False, True]
+    assert [bool(v) for v in overridden] == [False, False, False, True, True, False]
+    assert case_counts(image, text) == {"complete": 1, "text_missing": 2, "image_missing": 3}
+
+
+def test_filler_inputs_are_the_ones_image_and_the_empty_text():
+    class Tokenizer:
+        def __call__(self, text, **kwargs):
+            assert text == ""
+            return {"input_ids": [101, 102]}
+
+    filler = filler_inputs(Tokenizer(), (5, 7))
+    assert filler["image"].shape == (1, 3, 5, 7) and bool((filler["image"] == 1).all())
+    assert filler["input_ids"].tolist() == [[101, 102]] and filler["attention_mask"].tolist() == [[1, 1]]
