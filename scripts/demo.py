@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python scripts/demo.py` from anywhere: import cli, datamodules, ...
 
 CONFIGS = REPO / "configs"
-STRATEGIES = (("predict", "method.yaml"), ("zero", "zero.yaml"))
+STRATEGIES = (("predict", "method.yaml"), ("zero", "zero.yaml"))  # in configs/model/strategy/
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="image encoder resolution in px (default: the experiment config)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the experiment config)")
     parser.add_argument("--limit-train-batches", type=float, default=None, help="Lightning's limit_train_batches (quick checks)")
-    parser.add_argument("--model-config", default=str(CONFIGS / "model" / "offline.yaml"), help="encoder config (default: offline)")
+    parser.add_argument("--model-config", default=str(CONFIGS / "model" / "encoders" / "offline.yaml"), help="encoder config (default: offline)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further `unipair fit` options for both runs")
     return parser.parse_args(argv)
 
@@ -46,7 +46,7 @@ def fit_arguments(args: argparse.Namespace, strategy: str, strategy_config: str)
         "fit",
         "--config", str(CONFIGS / "data" / "emoji.yaml"),
         "--config", args.model_config,
-        "--config", str(CONFIGS / "model" / strategy_config),
+        "--config", str(CONFIGS / "model" / "strategy" / strategy_config),
         "--config", str(CONFIGS / "missing" / "missing_training_both.yaml"),
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--config", str(CONFIGS / "experiment" / "emoji_demo.yaml"),

@@ -218,7 +218,7 @@ def _fit(tmp_path: Path, name: str, root: Path, devices: int, batch_size: int) -
     command = [
         sys.executable, str(launcher), "fit",
         "--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-        "--config", str(CONFIGS / "model" / "tiny.yaml"),
+        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
         "--config", str(config_path),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -279,7 +279,7 @@ def _cli(args: list[str]):
 def _args(tmp: Path, data_config: str, root: Path, *extra: str) -> list[str]:
     return [
         "--config", str(CONFIGS / "data" / data_config),
-        "--config", str(CONFIGS / "model" / "tiny.yaml"),
+        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--data.num_workers", "0", "--data.batch_size", "4",
         "--data.missing_table_dir", str(tmp / "tables"),

@@ -104,7 +104,7 @@ def trained(tmp_path_factory) -> dict:
     root = make_hateful_memes(tmp)
     common = [
         "--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-        "--config", str(CONFIGS / "model" / "tiny.yaml"),
+        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--data.root", str(root),
         "--data.num_workers", "0",

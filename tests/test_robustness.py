@@ -124,7 +124,7 @@ def test_presence_rule_matches_datamodule_rule():
 def _common_args(root: Path, tmp: Path, data_config: str = "food101.yaml") -> list[str]:
     return [
         "--config", str(CONFIGS / "data" / data_config),
-        "--config", str(CONFIGS / "model" / "tiny.yaml"),
+        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--data.root", str(root),
         "--data.num_workers", "0",
@@ -145,7 +145,7 @@ def trained(tmp_path_factory) -> dict:
     out = {"common": common, "tmp": tmp}
     for strategy, config in (("predict", "method.yaml"), ("dummy_input", "dummy_input.yaml")):
         cli = make_cli(
-            ["fit", *common, "--config", str(CONFIGS / "model" / config),
+            ["fit", *common, "--config", str(CONFIGS / "model" / "strategy" / config),
              "--config", str(CONFIGS / "missing" / "missing_training_both.yaml"),
              "--trainer.max_epochs", "2", "--trainer.logger.init_args.name", strategy]
         )
