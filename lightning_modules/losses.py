@@ -11,16 +11,29 @@
 Under DDP the statistics use the global batch: ``gather`` (e.g. :func:`all_gather_with_grad`)
 concatenates every rank's rows, with gradients flowing back to each rank's own rows, as the
 reference's ``FullGatherLayer`` does.
+
+``space="target_matched"`` is this project's variant for a *detached* target that lives in a
+pretrained encoder's space (not a unit-scale projector output): both branches are standardised per
+dimension with the target's statistics (running moments, :class:`RunningMoments`), the variance
+hinge asks the prediction for at least the target's own spread in the batch (instead of a fixed
+gamma), and the covariance term asks the prediction's covariance to equal the target's (instead of
+zero off-diagonals, which a correlated target never has). A perfect prediction then scores exactly 0
+whatever the batch size; the reference's covariance term alone has a floor of about D / (N - 1) for
+N rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
+VicregSpace = Literal["raw", "target_matched"]
+VICREG_SPACES: tuple[str, ...] = ("raw", "target_matched")
 
 
 class VICRegTerms(NamedTuple):
@@ -81,6 +94,9 @@ def vicreg_loss(
     mask: torch.Tensor | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stop_grad_target: bool = False,
+    space: VicregSpace = "raw",
+    target_mean: torch.Tensor | None = None,
+    target_std: torch.Tensor | None = None,
 ) -> VICRegTerms:
     """VICReg between predictions ``x`` ``[N, D]`` and targets ``y`` ``[N, D]``.
 
@@ -94,6 +110,9 @@ def vicreg_loss(
             to ``x``, ``y`` and ``mask`` before anything is computed, so every term uses the global
             batch. None = the local batch only (pure function).
         stop_grad_target: detach ``y`` (the target embedding receives no gradient from this loss).
+        space: ``raw`` (the reference terms) or ``target_matched`` (see the module docstring).
+        target_mean, target_std: ``[D]`` statistics of the target used to standardise both branches
+            in ``target_matched`` (None = the selected rows' own, detached).
 
     Returns:
         :class:`VICRegTerms`. With fewer than two selected rows (no variance can be estimated) every
@@ -108,17 +127,22 @@ def vicreg_loss(
         x, y = gather(x), gather(y)
         if mask is not None:
             mask = gather(mask)
-    # Anchor connected to both inputs: the result of every branch below depends on it, so an empty
-    # selection still yields a graph through all parameters (with zero gradient).
-    anchor = (x.sum() + y.sum()) * 0.0
+    if space not in VICREG_SPACES:
+        raise ValueError(f"vicreg space: unknown value {space!r}; expected one of {list(VICREG_SPACES)}")
     if mask is not None:
         if mask.shape != x.shape[:1]:
             raise ValueError(f"mask must be [N]={x.shape[0]} bools, got shape {tuple(mask.shape)}")
         x, y = x[mask.bool()], y[mask.bool()]
+    # Anchor connected to both inputs (selected rows only, so non-finite values in rows left out,
+    # e.g. fillers, cannot leak in): an empty selection still yields a graph through all parameters
+    # (with zero gradient).
+    anchor = (x.sum() + y.sum()) * 0.0
     num_rows, dim = x.shape
     if num_rows < 2:
         zero = anchor
         return VICRegTerms(zero, zero, zero, zero)
+    if space == "target_matched":
+        return _target_matched_terms(x, y, inv_coeff, var_coeff, cov_coeff, eps, target_mean, target_std, anchor)
 
     invariance = F.mse_loss(x, y)
 
@@ -134,6 +158,72 @@ def vicreg_loss(
 
     total = inv_coeff * invariance + var_coeff * variance + cov_coeff * covariance + anchor
     return VICRegTerms(total, invariance + anchor, variance + anchor, covariance + anchor)
+
+
+def _target_matched_terms(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    inv_coeff: float,
+    var_coeff: float,
+    cov_coeff: float,
+    eps: float,
+    target_mean: torch.Tensor | None,
+    target_std: torch.Tensor | None,
+    anchor: torch.Tensor,
+) -> VICRegTerms:
+    if target_mean is None or target_std is None:
+        target_mean, target_std = y.detach().mean(dim=0), y.detach().std(dim=0)
+    scale = target_std.detach().clamp_min(eps)
+    x = (x - target_mean.detach()) / scale
+    y = (y - target_mean.detach()) / scale
+    num_rows, dim = x.shape
+    invariance = F.mse_loss(x, y)
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + eps)
+    std_y = torch.sqrt(y.var(dim=0) + eps)
+    variance = torch.mean(F.relu(std_y.detach() - std_x))
+    cov_x = (x.T @ x) / (num_rows - 1)
+    cov_y = (y.T @ y) / (num_rows - 1)
+    covariance = _off_diagonal(cov_x - cov_y).pow(2).sum() / dim
+    total = inv_coeff * invariance + var_coeff * variance + cov_coeff * covariance + anchor
+    return VICRegTerms(total, invariance + anchor, variance + anchor, covariance + anchor)
+
+
+class RunningMoments(nn.Module):
+    """Per-dimension mean and standard deviation of a stream of ``[N, D]`` rows (buffers, checkpointed).
+
+    The first batches are averaged cumulatively, later ones with weight ``momentum`` (an exponential
+    moving average), so the estimate follows an embedding that moves while its encoder trains.
+
+    Args:
+        dim: width D of the rows.
+        momentum: weight of a new batch once more than ``1 / momentum`` batches were seen.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.05) -> None:
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"RunningMoments momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor) -> None:
+        """Fold in ``rows`` (fewer than two rows change nothing)."""
+        if rows.shape[0] < 2:
+            return
+        rows = rows.detach().float()
+        weight = max(self.momentum, 1.0 / float(self.num_batches + 1))
+        self.mean.lerp_(rows.mean(dim=0), weight)
+        self.var.lerp_(rows.var(dim=0), weight)
+        self.num_batches += 1
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
 
 
 TASKS: tuple[str, ...] = ("multiclass", "multilabel", "binary")

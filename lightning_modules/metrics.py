@@ -5,8 +5,12 @@ One :class:`~torchmetrics.MetricCollection` per task, cloned per stage with the 
 (``val/complete/``, ``val/text_missing/``, ``val/image_missing/``):
 
 * multilabel: ``f1_macro``, ``f1_micro``, ``f1_weighted``, ``f1_samples`` (threshold on sigmoid);
-* multiclass: ``accuracy`` (micro), ``f1_macro``;
-* binary (two logits): ``auroc``, ``accuracy`` (on the softmax probability of class 1).
+* multiclass: ``accuracy`` (micro), ``f1_macro``, ``ece`` (expected calibration error, 15 bins of
+  the top-class probability);
+* binary (two logits): ``auroc``, ``accuracy``, ``ece`` (on the softmax probability of class 1).
+
+A stand-in for a missing modality can make the head over-confident, hence the ECE; torchmetrics has
+no multilabel calibration error, so multilabel tasks have none.
 
 torchmetrics' multilabel F1 has no ``samples`` average (sklearn's ``average="samples"``), so
 :class:`MultilabelSamplesF1` implements it as a torchmetrics ``Metric`` (DDP-synced sums).
@@ -24,7 +28,9 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
+    BinaryCalibrationError,
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassF1Score,
     MultilabelF1Score,
 )
@@ -113,13 +119,18 @@ def build_metric_collection(
             {
                 "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore_index),
                 "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro", ignore_index=ignore_index),
+                "ece": MulticlassCalibrationError(num_classes=num_classes, n_bins=15, ignore_index=ignore_index),
             }
         )
     if task == "binary":
         if num_classes != 2:
             raise ValueError(f"task 'binary' uses two logits: num_classes must be 2, got {num_classes}")
         return MetricCollection(
-            {"auroc": BinaryAUROC(ignore_index=ignore_index), "accuracy": BinaryAccuracy(threshold=0.5, ignore_index=ignore_index)}
+            {
+                "auroc": BinaryAUROC(ignore_index=ignore_index),
+                "accuracy": BinaryAccuracy(threshold=0.5, ignore_index=ignore_index),
+                "ece": BinaryCalibrationError(n_bins=15, ignore_index=ignore_index),
+            }
         )
     raise ValueError(f"unknown task {task!r}; expected one of {list(MONITOR_METRIC)}")
 

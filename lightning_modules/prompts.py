@@ -4,17 +4,17 @@ Token layout used by both encoders (see ``encoders/image.py`` and ``encoders/tex
 
     [ original tokens (CLS, patches / words, padding) | task prompts (P) | read-only tokens (R) ]
 
-(the text encoder puts the task prompts right after [CLS] instead; the mask below takes the
-positions as boolean index vectors, so the layout is the encoder's choice).
+(the text encoder puts the task prompts right after [CLS] instead). The read-only tokens always
+come last: ``readonly_attention.run_layer`` relies on it.
 
 * Task prompts (VPT-deep): ``length`` learnable tokens are written into the sequence at each of the
   first ``depth`` layers, replacing what the previous layer produced at those positions. After
   layer ``depth - 1`` the prompt outputs flow on through the remaining layers. Original tokens
   attend to the task prompts: that is how the prompts adapt the frozen encoder.
 * Read-only tokens (the predictor's input): learnable tokens, inserted at the input, that attend to
-  every token in every layer, while no other token attends to them. The original tokens' outputs are therefore exactly what they would
-  be without them, and one encoder pass yields both the modality embedding and the features the
-  predictor maps to the other modality.
+  every token in every layer, while no other token attends to them (``readonly_attention``). The
+  original tokens' outputs are therefore exactly what they would be without them, and one encoder
+  pass yields both the modality embedding and the features the predictor maps to the other modality.
 """
 
 from __future__ import annotations
@@ -51,36 +51,6 @@ class DeepPrompts(nn.Module):
     def layer_tokens(self, layer_index: int, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
         """The tokens for one layer, expanded to ``[batch_size, length, dim]``."""
         return self.tokens[layer_index].to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
-
-
-def readonly_attention_mask(
-    readonly: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boolean self-attention mask (True = may attend) that makes the ``readonly`` positions read-only.
-
-    Args:
-        readonly: bool ``[T]``, True at the read-only (predictor) token positions.
-        key_valid: optional bool ``[B, T]``, False at key positions nobody may attend to (text padding).
-
-    Returns:
-        bool ``[B or 1, 1, T, T]`` (query, key): read-only queries attend to every valid key; every
-        other query attends to every valid key except the read-only ones.
-    """
-    if readonly.dim() != 1:
-        raise ValueError(f"readonly must be a 1-D bool vector over positions, got shape {tuple(readonly.shape)}")
-    # [T_query, T_key]: a non-read-only query may not see a read-only key.
-    allowed = ~(~readonly[:, None] & readonly[None, :])
-    allowed = allowed[None, None]
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :].bool()
-    return allowed
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Convert a boolean mask (True = attend) to the additive form (0 / dtype-min) that eager attention adds."""
-    zeros = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zeros, torch.finfo(dtype).min)
 
 
 class EncoderOutput(NamedTuple):

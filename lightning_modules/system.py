@@ -25,7 +25,7 @@ constructed, and ``on_load_checkpoint`` fills them in (with a check that nothing
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -33,12 +33,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric, SumMetric
 
+from lightning_modules.diagnostics import PredictionDiagnostics
 from lightning_modules.encoders import sources
 from lightning_modules.encoders.image import ImageEncoder
 from lightning_modules.encoders.text import TextEncoder
 from lightning_modules.fusion import MISSING_STRATEGIES, FusionHead, MissingModalityFill
 from lightning_modules.losses import (
     TASKS,
+    VICREG_SPACES,
+    RunningMoments,
+    VicregSpace,
     all_gather_with_grad,
     masked_mean,
     per_sample_task_loss,
@@ -55,6 +59,7 @@ from lightning_modules.metrics import (
 )
 from lightning_modules.peft_modes import check_peft_mode, count_parameters
 from lightning_modules.predictor import PredictorHead
+from lightning_modules.readonly_attention import ReadonlyGrad, check_readonly_grad
 
 LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine", "constant")
 STAGES: tuple[str, ...] = ("train", "val", "test")
@@ -113,8 +118,13 @@ class UnipairSystem(LightningModule):
         vicreg_var_coeff: VICReg variance coefficient.
         vicreg_cov_coeff: VICReg covariance coefficient.
         stop_grad_target: detach the target embedding z in VICReg (only the prediction learns from it).
-            Default on, decided by the emoji ablation (benchmarks/ablation.py; README "Ablation"): best
-            configuration on val, 0.780 vs 0.730 mean accuracy without it.
+        readonly_grad: ``through``: the read-only tokens read the original tokens' keys / values as
+            they are, so the prediction loss also trains what computes the *source* encoder's own
+            embedding (task prompts, biases, LoRA); ``detach``: they read detached keys / values (and
+            detached layer parameters), so the prediction loss trains the predictor only.
+        vicreg_space: ``raw``: the reference VICReg terms; ``target_matched``: both sides standardised
+            with the target's running statistics, variance hinge at the target's own spread,
+            covariance matched to the target's (``losses.vicreg_loss``).
         substitution: on complete samples also train the head on [z_v; ẑ_t] and [ẑ_v; z_t] (adds the
             mean of those two losses to the task loss).
         lr: AdamW learning rate of the encoder parameters that train (task prompts, biases, LoRA, ...).
@@ -160,6 +170,8 @@ class UnipairSystem(LightningModule):
         vicreg_var_coeff: float = 25.0,
         vicreg_cov_coeff: float = 1.0,
         stop_grad_target: bool = True,
+        readonly_grad: ReadonlyGrad = "through",
+        vicreg_space: VicregSpace = "raw",
         substitution: bool = False,
         lr: float = 1e-3,
         head_lr: float | None = None,
@@ -187,6 +199,9 @@ class UnipairSystem(LightningModule):
             raise ValueError(
                 "predictor_length=0 leaves no predictor, but missing_strategy='predict' or substitution=True needs one"
             )
+        check_readonly_grad(readonly_grad)
+        if vicreg_space not in VICREG_SPACES:
+            raise ValueError(f"vicreg_space: unknown value {vicreg_space!r}; expected one of {list(VICREG_SPACES)}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule: unknown schedule {lr_schedule!r}; expected one of {list(LR_SCHEDULES)}")
         if not 0.0 <= warmup_fraction < 1.0:
@@ -207,13 +222,13 @@ class UnipairSystem(LightningModule):
         self.image_encoder = ImageEncoder(
             image_model, peft_mode=image_peft, prompt_length=prompt_length,
             prompt_depth=min(prompt_depth, image_layers), predictor_length=predictor_length,
-            pooling=image_pooling,
+            pooling=image_pooling, readonly_grad=readonly_grad,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         )
         self.text_encoder = TextEncoder(
             text_model, peft_mode=text_peft, prompt_length=prompt_length,
             prompt_depth=min(prompt_depth, text_layers), predictor_length=predictor_length,
-            pooling=text_pooling,
+            pooling=text_pooling, readonly_grad=readonly_grad,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         )
         image_dim, text_dim = self.image_encoder.embed_dim, self.text_encoder.embed_dim
@@ -222,6 +237,10 @@ class UnipairSystem(LightningModule):
             # g_v->t reads the image encoder's read-only tokens and predicts z_t, and vice versa.
             self.image_to_text = PredictorHead(image_dim, text_dim, predictor_hidden_dim)
             self.text_to_image = PredictorHead(text_dim, image_dim, predictor_hidden_dim)
+            if vicreg_space == "target_matched":
+                # The targets' statistics, learnt from the complete training rows (buffers: checkpointed).
+                self.image_moments = RunningMoments(image_dim)
+                self.text_moments = RunningMoments(text_dim)
         self.missing_fill = MissingModalityFill(missing_strategy, image_dim, text_dim)
         self.head = FusionHead(image_dim, text_dim, head_hidden_dim, num_classes, head_dropout)
 
@@ -255,6 +274,11 @@ class UnipairSystem(LightningModule):
                 for stage in CASE_STAGES
             }
         )
+        if self.has_predictor:
+            self.prediction_diagnostics = nn.ModuleDict(
+                {f"{stage}_metrics": PredictionDiagnostics(image_dim, text_dim, task, multilabel_threshold)
+                 for stage in CASE_STAGES}
+            )
         self._tokenizer: Any = None
         self._filler_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
         # Numerical safety: batches whose update was skipped (kept in checkpoints), and the batches
@@ -381,10 +405,34 @@ class UnipairSystem(LightningModule):
 
     def compute_losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """All loss terms of one batch (``loss`` is what is optimised) and the logits."""
-        hp = self.hparams
         image_present, text_present = self._check_presence(batch)
         emb = self.encode(batch)
         logits = self.fuse(emb, image_present, text_present)
+        return self.loss_terms(batch, emb, logits), logits
+
+    def _target_statistics(
+        self, name: str, target: torch.Tensor, complete: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Running (mean, std) of a VICReg target (``target_matched``), updated with this batch's complete
+        rows in training (all ranks' rows under DDP, so every rank keeps the same statistics)."""
+        if self.hparams.vicreg_space != "target_matched":
+            return None, None
+        moments: RunningMoments = getattr(self, name)
+        if self.training:
+            rows, keep = target.detach(), complete
+            if self._distributed():
+                rows, keep = all_gather_with_grad(rows), all_gather_with_grad(keep)
+            moments.update(rows[keep])
+        if int(moments.num_batches) == 0:
+            return None, None  # nothing seen yet: the batch's own statistics
+        return moments.mean.to(target.dtype), moments.std.to(target.dtype)
+
+    def loss_terms(
+        self, batch: dict[str, Any], emb: dict[str, torch.Tensor | None], logits: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The loss terms of a batch from its :meth:`encode` output and logits."""
+        hp = self.hparams
+        image_present, text_present = batch["image_present"].bool(), batch["text_present"].bool()
         labels = batch["label"]
         task_loss = per_sample_task_loss(logits, labels, hp.task).mean()
         complete = image_present & text_present
@@ -400,13 +448,13 @@ class UnipairSystem(LightningModule):
         loss = task_loss
         if self.has_predictor:
             gather = all_gather_with_grad if self._distributed() else None
-            coeffs = {"inv_coeff": hp.vicreg_inv_coeff, "var_coeff": hp.vicreg_var_coeff, "cov_coeff": hp.vicreg_cov_coeff}
-            to_image = vicreg_loss(
-                emb["zhat_v"], emb["z_v"], mask=complete, gather=gather, stop_grad_target=hp.stop_grad_target, **coeffs
-            )
-            to_text = vicreg_loss(
-                emb["zhat_t"], emb["z_t"], mask=complete, gather=gather, stop_grad_target=hp.stop_grad_target, **coeffs
-            )
+            options = {"inv_coeff": hp.vicreg_inv_coeff, "var_coeff": hp.vicreg_var_coeff,
+                       "cov_coeff": hp.vicreg_cov_coeff, "mask": complete, "gather": gather,
+                       "stop_grad_target": hp.stop_grad_target, "space": hp.vicreg_space}
+            mean_v, std_v = self._target_statistics("image_moments", emb["z_v"], complete)
+            mean_t, std_t = self._target_statistics("text_moments", emb["z_t"], complete)
+            to_image = vicreg_loss(emb["zhat_v"], emb["z_v"], target_mean=mean_v, target_std=std_v, **options)
+            to_text = vicreg_loss(emb["zhat_t"], emb["z_t"], target_mean=mean_t, target_std=std_t, **options)
             pred_loss = to_image.total + to_text.total
             losses.update(
                 pred_loss=pred_loss,
@@ -417,7 +465,7 @@ class UnipairSystem(LightningModule):
             # Added even when the weight is 0, so the predictor always takes part in the graph.
             loss = loss + hp.pred_loss_weight * pred_loss
         losses["loss"] = loss
-        return losses, logits
+        return losses
 
     def _distributed(self) -> bool:
         return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -433,7 +481,16 @@ class UnipairSystem(LightningModule):
                 module.reset()
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        losses, logits = self.compute_losses(batch)
+        image_present, text_present = self._check_presence(batch)
+        emb = self.encode(batch)
+        logits = self.fuse(emb, image_present, text_present)
+        losses = self.loss_terms(batch, emb, logits)
+        if stage in CASE_STAGES and self.has_predictor:
+            substitution_logits = {"image": self.head(emb["zhat_v"], emb["z_t"]),
+                                   "text": self.head(emb["z_v"], emb["zhat_t"])}
+            self.prediction_diagnostics[f"{stage}_metrics"].update(
+                emb, substitution_logits, batch["label"], image_present & text_present
+            )
         if stage == "train":
             self._window_batches += 1
             if self._nonfinite_losses(losses, batch):
@@ -617,6 +674,12 @@ class UnipairSystem(LightningModule):
                         self.log(f"{stage}/{name}", total.compute() / count, prog_bar=name == "loss", sync_dist=True)
             for total in sums.values():
                 total.reset()
+            if self.has_predictor:
+                diagnostics = self.prediction_diagnostics[f"{stage}_metrics"]
+                values = diagnostics.compute()  # synced over ranks: the same decision on every rank
+                if values.pop("num_samples") >= 2:
+                    self.log_dict({f"{stage}/prediction/{k}": v for k, v in values.items()}, sync_dist=True)
+                diagnostics.reset()
             for case in MISSING_CASES:
                 counter = self.case_counts[f"{stage}_metrics"][case]
                 metrics = self.case_metrics[f"{stage}_metrics"][case]

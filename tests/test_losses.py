@@ -143,3 +143,46 @@ def test_masked_mean():
     assert empty.item() == 0.0
     empty.backward()
     assert values.grad is not None
+
+
+def test_target_matched_vicreg_is_zero_for_a_perfect_prediction_at_any_batch_size():
+    generator = torch.Generator().manual_seed(5)
+    mixing = torch.randn(16, 16, generator=generator)
+    for rows in (4, 16, 64):
+        y = 0.3 * torch.randn(rows, 16, generator=generator) @ mixing  # correlated, small-scale target
+        terms = vicreg_loss(y.clone(), y, stop_grad_target=True, space="target_matched")
+        assert terms.total.abs().item() <= 1e-5
+        # The reference terms are not: the covariance floor of a correlated target, the gamma = 1 hinge.
+        assert vicreg_loss(y.clone(), y, stop_grad_target=True).total.item() > 1.0
+
+
+def test_target_matched_vicreg_standardises_with_the_given_statistics():
+    generator = torch.Generator().manual_seed(6)
+    y = torch.randn(32, 8, generator=generator) * 0.2 + 3.0
+    x = y + 0.1 * torch.randn(32, 8, generator=generator)
+    mean, std = torch.full((8,), 3.0), torch.full((8,), 0.2)
+    terms = vicreg_loss(x, y, space="target_matched", target_mean=mean, target_std=std, stop_grad_target=True)
+    assert terms.invariance.item() == pytest.approx(((x - y) / 0.2).pow(2).mean().item(), rel=1e-4)
+    # A prediction with half the target's spread pays the variance hinge; one with the target's does not.
+    shrunk = mean + 0.5 * (y - mean)
+    assert vicreg_loss(shrunk, y, space="target_matched", stop_grad_target=True).variance.item() > 0.1
+    assert vicreg_loss(y.clone(), y, space="target_matched", stop_grad_target=True).variance.item() == 0.0
+
+
+def test_nonfinite_rows_outside_the_mask_do_not_reach_the_loss():
+    x, y = torch.randn(6, 4), torch.randn(6, 4)
+    x[5] = float("nan")
+    mask = torch.tensor([True, True, True, True, True, False])
+    assert torch.isfinite(vicreg_loss(x, y, mask=mask).total)
+
+
+def test_running_moments_average_cumulatively_then_exponentially():
+    from lightning_modules.losses import RunningMoments
+
+    moments = RunningMoments(2, momentum=0.5)
+    moments.update(torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
+    assert moments.mean.tolist() == [1.0, 1.0]
+    moments.update(torch.tensor([[4.0, 4.0], [6.0, 6.0]]))
+    assert moments.mean.tolist() == [3.0, 3.0]  # weight max(0.5, 1/2)
+    moments.update(torch.tensor([[9.0, 9.0], [11.0, 11.0]]))
+    assert moments.mean.tolist() == [6.5, 6.5]  # weight 0.5 (EMA), not 1/3

@@ -13,7 +13,7 @@ from lightning_modules.encoders import sources
 from lightning_modules.encoders import text as text_module
 from lightning_modules.encoders.image import ImageEncoder
 from lightning_modules.encoders.text import TextEncoder
-from lightning_modules.prompts import readonly_attention_mask
+from lightning_modules import readonly_attention
 
 TOL = 1e-5
 
@@ -143,21 +143,19 @@ def test_readonly_tokens_read_the_input_but_are_not_read():
     assert (before.readonly - other_input.readonly).abs().max() > 1e-3
 
 
-def test_without_the_mask_the_readonly_tokens_would_change_the_embedding(monkeypatch):
-    # Control: the equality tests above can fail. With an all-True mask the tokens are read.
-    with_readonly, without = _pair(_make_image, _image_backbone(), "prompt")
-    monkeypatch.setattr(image_module, "readonly_attention_mask", lambda readonly, key_valid=None: torch.ones(
-        1, 1, readonly.numel(), readonly.numel(), dtype=torch.bool))
-    with torch.no_grad():
-        diff = (with_readonly(_images()).embedding - without(_images()).embedding).abs().max()
-    assert diff > 1e-3
+def test_if_originals_read_the_readonly_tokens_the_embedding_would_change(monkeypatch):
+    # Control: the equality tests above can fail. With one attention over every key the tokens are read.
+    def full_attention(q, k, v, num_readonly, key_valid=None, dropout_p=0.0, detach_original=False):
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
+    with_readonly, without = _pair(_make_image, _image_backbone(), "prompt")
     text_with, text_without = _pair(_make_text, _text_backbone(), "prompt")
+    monkeypatch.setattr(readonly_attention, "split_attention", full_attention)
     ids, mask = _tokens()
-    monkeypatch.setattr(text_module, "readonly_attention_mask", lambda readonly, key_valid=None: key_valid[:, None, None, :])
     with torch.no_grad():
-        diff = (text_with(ids, mask).embedding - text_without(ids, mask).embedding).abs().max()
-    assert diff > 1e-3
+        assert (with_readonly(_images()).embedding - without(_images()).embedding).abs().max() > 1e-3
+        assert (text_with(ids, mask).embedding - text_without(ids, mask).embedding).abs().max() > 1e-3
 
 
 def test_text_padding_does_not_change_the_embedding():
@@ -171,16 +169,6 @@ def test_text_padding_does_not_change_the_embedding():
             alone = encoder(ids[row:row + 1, :n], mask[row:row + 1, :n])
             assert (alone.embedding[0] - padded.embedding[row]).abs().max() <= TOL
             assert (alone.readonly[0] - padded.readonly[row]).abs().max() <= TOL
-
-
-def test_readonly_attention_mask_layout():
-    readonly = torch.tensor([False, False, False, True, True])
-    key_valid = torch.tensor([[True, True, False, True, True]])
-    mask = readonly_attention_mask(readonly, key_valid)[0, 0]
-    # Original / prompt queries (rows 0-2) see no read-only key; read-only queries see every valid key.
-    assert mask[:3, 3:].sum() == 0
-    assert mask[3:, :].tolist() == [[True, True, False, True, True]] * 2
-    assert mask[:3, :3].tolist() == [[True, True, False]] * 3
 
 
 def test_deep_prompts_reach_every_prompted_layer():

@@ -220,8 +220,8 @@ def test_fit_lowers_the_loss_and_checkpoint_reloads_exactly(tmp_path):
     "task, num_classes, names",
     [
         ("multilabel", 4, ["f1_macro", "f1_micro", "f1_weighted", "f1_samples"]),
-        ("multiclass", 3, ["accuracy", "f1_macro"]),
-        ("binary", 2, ["auroc", "accuracy"]),
+        ("multiclass", 3, ["accuracy", "f1_macro", "ece"]),
+        ("binary", 2, ["auroc", "accuracy", "ece"]),
     ],
 )
 def test_validation_logs_task_metrics_overall_and_per_missing_case(tmp_path, task, num_classes, names):
@@ -236,6 +236,59 @@ def test_validation_logs_task_metrics_overall_and_per_missing_case(tmp_path, tas
     assert results["val/complete/num_samples"] == 6
     assert results["val/text_missing/num_samples"] == 3
     assert model.monitor in results
+    # The predicted embeddings' diagnostics, on the complete samples.
+    for name in ("cos_image", "cos_text", "std_ratio_image", "std_ratio_text",
+                 "substitution_accuracy_image", "substitution_accuracy_text"):
+        assert f"val/prediction/{name}" in results
+    assert -1.0 <= results["val/prediction/cos_text"] <= 1.0
+    assert results["val/prediction/std_ratio_image"] > 0
+
+
+def test_substitution_accuracy_is_the_heads_accuracy_on_one_predicted_embedding():
+    model = tiny_system().eval()
+    batch = _batch([COMPLETE, COMPLETE, COMPLETE, TEXT_MISSING])
+    with torch.no_grad():
+        emb = model.encode(batch)
+        logits = {"image": model.head(emb["zhat_v"], emb["z_t"]), "text": model.head(emb["z_v"], emb["zhat_t"])}
+        metric = model.prediction_diagnostics["val_metrics"]
+        metric.update(emb, logits, batch["label"], torch.tensor([True, True, True, False]))
+        values = metric.compute()
+    expected = (logits["text"][:3].argmax(1) == batch["label"][:3]).float().mean()
+    assert values["substitution_accuracy_text"] == pytest.approx(float(expected))
+    assert values["num_samples"] == 3
+    cos = torch.nn.functional.cosine_similarity(emb["zhat_t"][:3], emb["z_t"][:3]).mean()
+    assert values["cos_text"] == pytest.approx(float(cos), abs=1e-5)
+
+
+def test_target_matched_vicreg_learns_the_targets_statistics_in_training_only():
+    model = tiny_system(vicreg_space="target_matched")
+    batch = _batch([COMPLETE, COMPLETE, COMPLETE, TEXT_MISSING])
+    torch.manual_seed(0)  # the same dropout masks in both passes
+    model.compute_losses(batch)
+    assert int(model.text_moments.num_batches) == 1
+    torch.manual_seed(0)
+    emb = model.encode(batch)
+    expected = emb["z_t"][:3].detach().mean(0)  # the complete rows only
+    assert torch.allclose(model.text_moments.mean, expected, atol=1e-5)
+    model.eval()
+    model.compute_losses(batch)
+    assert int(model.text_moments.num_batches) == 1
+    assert "text_moments.mean" in model.state_dict()
+
+
+def test_readonly_grad_detach_keeps_the_prediction_loss_out_of_the_encoders():
+    model = tiny_system(readonly_grad="detach", stop_grad_target=True)
+    losses, _ = model.compute_losses(_batch([COMPLETE, COMPLETE, COMPLETE, COMPLETE]))
+    own = [p for n, p in model.named_parameters()
+           if p.requires_grad and n.startswith(("image_encoder.", "text_encoder.")) and "readonly" not in n]
+    grads = torch.autograd.grad(losses["pred_loss"], own, allow_unused=True)
+    assert own and all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+    through = tiny_system(readonly_grad="through", stop_grad_target=True)
+    losses, _ = through.compute_losses(_batch([COMPLETE, COMPLETE, COMPLETE, COMPLETE]))
+    own = [p for n, p in through.named_parameters()
+           if p.requires_grad and n.startswith(("image_encoder.", "text_encoder.")) and "readonly" not in n]
+    grads = torch.autograd.grad(losses["pred_loss"], own, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_case_without_samples_is_not_logged(tmp_path):
@@ -258,8 +311,8 @@ def test_samples_f1_matches_per_sample_definition():
 
 def test_metric_collections_by_task():
     assert set(build_metric_collection("multilabel", 5).keys()) == {"f1_macro", "f1_micro", "f1_weighted", "f1_samples"}
-    assert set(build_metric_collection("multiclass", 5).keys()) == {"accuracy", "f1_macro"}
-    assert set(build_metric_collection("binary", 2).keys()) == {"auroc", "accuracy"}
+    assert set(build_metric_collection("multiclass", 5).keys()) == {"accuracy", "f1_macro", "ece"}
+    assert set(build_metric_collection("binary", 2).keys()) == {"auroc", "accuracy", "ece"}
     assert tiny_system(task="multilabel", num_classes=4).monitor == "val/f1_macro"
     assert tiny_system(task="binary", num_classes=2).monitor == "val/auroc"
 

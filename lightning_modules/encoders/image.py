@@ -7,8 +7,9 @@ the original ones::
     [ CLS (+ register tokens) | patches | task prompts (P) | read-only tokens (R) ]
 
 Positions do not matter inside a ViT once the position embedding is added, so appending is as good
-as VPT's "after CLS". timm blocks accept ``attn_mask`` (passed to ``scaled_dot_product_attention``),
-which carries the read-only mask from ``prompts.readonly_attention_mask``.
+as VPT's "after CLS". With read-only tokens each block runs through
+``readonly_attention.run_layer`` (the block's own modules, two fused-attention calls, no mask);
+without them, as timm's block itself.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from torch import nn
 
 from lightning_modules.peft_modes import IMAGE_LORA_TARGETS, apply_peft_mode, check_peft_mode
-from lightning_modules.prompts import (
-    EncoderOutput,
-    PromptedEncoder,
-    build_prompt_modules,
-    readonly_attention_mask,
+from lightning_modules.prompts import EncoderOutput, PromptedEncoder, build_prompt_modules
+from lightning_modules.readonly_attention import (
+    ReadonlyGrad,
+    VitBlockAttention,
+    check_readonly_grad,
+    module_call,
+    run_layer,
 )
 
 IMAGE_POOLINGS: tuple[str, ...] = ("cls", "mean")
@@ -40,6 +43,8 @@ class ImageEncoder(PromptedEncoder):
         pooling: ``cls`` (the CLS token after the final norm) or ``mean`` (mean of the patch tokens);
             None = the backbone's own ``global_pool`` (``token`` -> cls, ``avg`` -> mean).
         lora_rank, lora_alpha, lora_dropout: LoRA settings (``lora`` mode only), on ``qkv``.
+        readonly_grad: ``through`` or ``detach`` (see ``readonly_attention``): whether a loss on the
+            read-only outputs may reach what computes the embedding.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class ImageEncoder(PromptedEncoder):
         lora_rank: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
+        readonly_grad: ReadonlyGrad = "through",
     ) -> None:
         super().__init__()
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "fc_norm", "num_prefix_tokens"):
@@ -81,12 +87,15 @@ class ImageEncoder(PromptedEncoder):
         )
         self.peft_mode = peft_mode
         self.pooling = pooling
+        self.readonly_grad = check_readonly_grad(readonly_grad)
         self.embed_dim = int(backbone.embed_dim)
         self.num_layers = len(backbone.blocks)
         self.task_prompts, self.readonly_tokens = build_prompt_modules(
             peft_mode, prompt_length, prompt_depth, predictor_length,
             self.embed_dim, self.num_layers, "image encoder",
         )
+        for block in self.backbone.blocks:
+            VitBlockAttention(block)  # fails early on blocks the read-only attention cannot take apart
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         """Encode ``images`` ``[B, 3, H, W]`` into the embedding ``[B, D]`` and the read-only features ``[B, D]``."""
@@ -98,12 +107,6 @@ class ImageEncoder(PromptedEncoder):
         batch_size, num_original = x.shape[0], x.shape[1]
         num_prompts, num_readonly = self.num_prompt_tokens, self.num_readonly_tokens
         prompt_end = num_original + num_prompts
-
-        attn_mask = None
-        if num_readonly:
-            readonly = torch.zeros(prompt_end + num_readonly, dtype=torch.bool, device=x.device)
-            readonly[prompt_end:] = True
-            attn_mask = readonly_attention_mask(readonly)
 
         for index, block in enumerate(bb.blocks):
             if index == 0:
@@ -121,13 +124,19 @@ class ImageEncoder(PromptedEncoder):
                 # activations and made backward build a zero-filled full-size gradient per slice).
                 prompts = self.task_prompts.layer_tokens(index, batch_size, x.dtype)
                 x = torch.slice_scatter(x, prompts, dim=1, start=num_original, end=prompt_end)
-            x = block(x, attn_mask=attn_mask) if attn_mask is not None else block(x)
-        x = bb.norm(x)
-
+            if num_readonly:
+                x = run_layer(VitBlockAttention(block), x, num_readonly, readonly_grad=self.readonly_grad)
+            else:
+                x = block(x)
+        readonly_out = x[:, prompt_end:]
+        x = bb.norm(x[:, :prompt_end])
         if self.pooling == "cls":
             embedding = x[:, 0]
         else:
             embedding = x[:, bb.num_prefix_tokens:num_original].mean(dim=1)
         embedding = bb.fc_norm(embedding)
-        readonly_features = x[:, prompt_end:].mean(dim=1) if num_readonly else None
+        readonly_features = None
+        if num_readonly:
+            readonly_out = module_call(bb.norm, self.readonly_grad == "detach", readonly_out)
+            readonly_features = readonly_out.mean(dim=1)
         return EncoderOutput(embedding, readonly_features)

@@ -5,9 +5,9 @@ The forward reproduces ``BertModel.forward`` (embeddings, then ``encoder.layer``
     [ CLS | task prompts (P) | words, SEP, padding | read-only tokens (R) ]
 
 Task prompts go right after [CLS] (the position embeddings are already added, so they carry no
-position). Each layer receives a 4-D attention mask ``[B, 1, T, T]``: boolean (True = attend) for
-SDPA attention, additive (0 = attend, dtype-min = blocked) for eager attention. Padding keys are
-blocked for everyone, read-only keys for every non-read-only query.
+position). Every layer runs through ``readonly_attention.run_layer`` (the layer's own modules and
+PyTorch's fused attention, whatever attention implementation the backbone was loaded with): padding
+keys are blocked for everyone, and the original tokens attend to the original tokens only.
 """
 
 from __future__ import annotations
@@ -16,17 +16,10 @@ import torch
 from torch import nn
 
 from lightning_modules.peft_modes import TEXT_LORA_TARGETS, apply_peft_mode, check_peft_mode
-from lightning_modules.prompts import (
-    EncoderOutput,
-    PromptedEncoder,
-    additive_mask,
-    build_prompt_modules,
-    readonly_attention_mask,
-)
+from lightning_modules.prompts import EncoderOutput, PromptedEncoder, build_prompt_modules
+from lightning_modules.readonly_attention import BertLayerAttention, ReadonlyGrad, check_readonly_grad, run_layer
 
 TEXT_POOLINGS: tuple[str, ...] = ("cls", "mean")
-# Attention implementations whose layers take an arbitrary additive 4-D mask.
-_MASKABLE_ATTENTION = ("eager", "sdpa")
 
 
 class TextEncoder(PromptedEncoder):
@@ -44,6 +37,8 @@ class TextEncoder(PromptedEncoder):
             and [SEP], without padding, prompts or read-only tokens). None is not accepted here: the
             system resolves the default with ``sources.default_text_pooling``.
         lora_rank, lora_alpha, lora_dropout: LoRA settings (``lora`` mode only), on query/key/value.
+        readonly_grad: ``through`` or ``detach`` (see ``readonly_attention``): whether a loss on the
+            read-only outputs may reach what computes the embedding.
     """
 
     def __init__(
@@ -57,18 +52,13 @@ class TextEncoder(PromptedEncoder):
         lora_rank: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
+        readonly_grad: ReadonlyGrad = "through",
     ) -> None:
         super().__init__()
         if not hasattr(backbone, "embeddings") or not hasattr(getattr(backbone, "encoder", None), "layer"):
             raise TypeError(
                 f"text backbone {type(backbone).__name__} lacks 'embeddings'/'encoder.layer': expected a BERT-like "
                 "transformers model"
-            )
-        implementation = getattr(backbone.config, "_attn_implementation", "eager")
-        if implementation not in _MASKABLE_ATTENTION:
-            raise ValueError(
-                f"text backbone uses attention implementation {implementation!r}, which cannot take the read-only "
-                f"4-D mask; load it with attn_implementation in {list(_MASKABLE_ATTENTION)}"
             )
         check_peft_mode(peft_mode, "text_peft")
         if pooling not in TEXT_POOLINGS:
@@ -80,13 +70,15 @@ class TextEncoder(PromptedEncoder):
         )
         self.peft_mode = peft_mode
         self.pooling = pooling
-        self._attention_implementation = implementation
+        self.readonly_grad = check_readonly_grad(readonly_grad)
         self.embed_dim = int(backbone.config.hidden_size)
         self.num_layers = len(backbone.encoder.layer)
         self.task_prompts, self.readonly_tokens = build_prompt_modules(
             peft_mode, prompt_length, prompt_depth, predictor_length,
             self.embed_dim, self.num_layers, "text encoder",
         )
+        for layer in self.backbone.encoder.layer:
+            BertLayerAttention(layer)  # fails early on layers the read-only attention cannot take apart
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         """Encode token ids ``[B, L]`` (with ``attention_mask`` ``[B, L]``, 1 = real token) into ``[B, D]`` twice."""
@@ -106,11 +98,8 @@ class TextEncoder(PromptedEncoder):
         key_valid = torch.ones(batch_size, total, dtype=torch.bool, device=hidden.device)
         key_valid[:, 0] = valid[:, 0]
         key_valid[:, words_start:words_end] = valid[:, 1:]
-        readonly = torch.zeros(total, dtype=torch.bool, device=hidden.device)
-        readonly[words_end:] = True
-        allowed = readonly_attention_mask(readonly, key_valid)
-        # SDPA takes the boolean mask as is (whatever the autocast dtype of q/k); eager attention adds it.
-        mask = allowed if self._attention_implementation == "sdpa" else additive_mask(allowed, hidden.dtype)
+        if bool(valid.all()):
+            key_valid = None  # no padding: unmasked attention (the fastest kernels)
 
         x = hidden
         for index, layer in enumerate(self.backbone.encoder.layer):
@@ -127,9 +116,7 @@ class TextEncoder(PromptedEncoder):
                 # sequence as it is (no re-slicing and re-concatenating of the whole sequence).
                 prompts = self.task_prompts.layer_tokens(index, batch_size, x.dtype)
                 x = torch.slice_scatter(x, prompts, dim=1, start=1, end=words_start)
-            x = layer(x, attention_mask=mask)
-            if isinstance(x, tuple):  # older transformers return (hidden_states, ...)
-                x = x[0]
+            x = run_layer(BertLayerAttention(layer), x, num_readonly, key_valid, self.readonly_grad)
 
         if self.pooling == "cls":
             embedding = x[:, 0]
