@@ -22,11 +22,18 @@ checkpoints (best on the monitored metric + ``last.ckpt``) in its ``checkpoints/
 ``config.yaml``. The config is written with ``overwrite=True``: a requeued SLURM job that reuses its
 version folder (``trainer.logger.init_args.version``) rewrites the same config instead of aborting;
 a new run without a fixed version gets a new ``version_<N>`` folder, so nothing is overwritten.
+
+User errors (:func:`user_error_message`: bad input files or rows, missing columns, bad or foreign
+checkpoints, option values out of range) print one line naming the file / row / field / option and
+exit with status 2; ``UNIPAIR_DEBUG=1`` shows the traceback instead. Any other exception (a bug)
+keeps its traceback. ``predict --predict_file`` validates the whole input file before the model is
+built.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -48,6 +55,10 @@ from lightning_modules.callbacks import EvaluationCoverage, ResumeState
 from lightning_modules.robustness import DEFAULT_MISSING_RATES, DEFAULT_MISSING_TYPES
 from lightning_modules.system import UnipairSystem
 
+DEBUG_ENV = "UNIPAIR_DEBUG"
+SOURCE_ROOT = Path(__file__).resolve().parent
+# Where unipair validates what it is given: a ValueError / FileNotFoundError raised here is a user error.
+VALIDATING_CODE: tuple[Path, ...] = (SOURCE_ROOT / "datamodules", SOURCE_ROOT / "lightning_modules", SOURCE_ROOT / "cli.py")
 DEFAULT_RUN_DIR = "runs"
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -55,6 +66,79 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": DEFAULT_RUN_DIR, "name": "unipair"},
     },
 }
+
+
+class UserInputError(ValueError):
+    """Something the user gave is unusable (a file, a row, an option, a checkpoint); the message says what."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from datamodules import BadSampleError
+    from datamodules.cache import CacheError
+    from datamodules.missing import MissingTableError
+    from datamodules.predict_jsonl import PredictionInputError
+    from lightning_modules.checkpointing import CheckpointMismatchError
+
+    return (UserInputError, BadSampleError, CacheError, MissingTableError, PredictionInputError, CheckpointMismatchError)
+
+
+def _in_validating_code(filename: str | None) -> bool:
+    if not filename:
+        return False
+    path = Path(filename).resolve()
+    return any(path == root or root in path.parents for root in VALIDATING_CODE)
+
+
+def _worker_error(message: str) -> tuple[str, str | None]:
+    """(original message, file that raised it) of an exception a DataLoader worker re-raised with its
+    traceback as the message."""
+    files = re.findall(r'^  File "([^"]+)", line \d+', message, flags=re.MULTILINE)
+    lines = message.splitlines()
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith('  File "')), default=0)
+    rest = [line for line in lines[last_frame + 1 :] if line and not line.startswith(" ")]
+    original = "\n".join(rest).split(": ", 1)[-1] if rest else message
+    return original, files[-1] if files else None
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The message to print for a user error, or None for anything else (a bug: keep its traceback).
+
+    User errors are unipair's input and checkpoint error types (``BadSampleError``,
+    ``PredictionInputError``, ``MissingTableError``, ``CacheError``, ``CheckpointMismatchError``,
+    :class:`UserInputError`) and the ``ValueError`` / ``FileNotFoundError`` that unipair's own
+    validation raises (in ``datamodules/``, ``lightning_modules/`` or this file: option checks of the
+    constructors, reader checks of files and rows). The same error raised inside a library (torch, timm,
+    ...) is treated as a bug. Errors re-raised from DataLoader workers are unwrapped first, and a
+    library's error wrapping ours (jsonargparse reports a constructor's ValueError inside its own) is
+    looked through to its cause.
+    """
+    while error is not None:
+        message = str(error)
+        if message.startswith("Caught ") and "DataLoader worker" in message.split("\n", 1)[0]:
+            message, origin = _worker_error(message)
+        else:
+            traceback = error.__traceback__
+            while traceback is not None and traceback.tb_next is not None:
+                traceback = traceback.tb_next
+            origin = traceback.tb_frame.f_code.co_filename if traceback is not None else None
+        ours = _in_validating_code(origin)
+        if isinstance(error, _user_error_types()) or (isinstance(error, (ValueError, FileNotFoundError)) and ours):
+            return message.strip() or type(error).__name__
+        if ours:
+            return None
+        error = error.__cause__
+    return None
+
+
+def prediction_output_path(predict_file: str | os.PathLike, output_file: str | os.PathLike | None) -> Path:
+    """``output_file``, or ``<predict_file without .jsonl>.predictions.jsonl`` next to the input."""
+    predict_path = Path(predict_file)
+    output = Path(output_file) if output_file else predict_path.with_name(
+        predict_path.name.removesuffix(".jsonl") + ".predictions.jsonl"
+    )
+    if output.resolve() == predict_path.resolve():
+        raise UserInputError(f"--output_file {output} would overwrite the input --predict_file")
+    return output
 
 
 def default_robustness_dir(ckpt_path: str | os.PathLike) -> Path:
@@ -112,17 +196,14 @@ class UnipairTrainer(Trainer):
         from datamodules.predict_jsonl import JsonlPredictionWriter, prediction_dataloader
 
         if dataloaders is not None:
-            raise ValueError("--predict_file / --output_file write predictions of the DataModule or of a JSONL file, not of dataloaders")
-        if datamodule is None:
-            raise ValueError("--predict_file / --output_file need the run's DataModule (--config of the run, or --data)")
-        if predict_file is not None:
-            predict_path = Path(predict_file)
-            output = Path(output_file) if output_file else predict_path.with_name(
-                predict_path.name.removesuffix(".jsonl") + ".predictions.jsonl"
+            raise UserInputError(
+                "--predict_file / --output_file write predictions of the DataModule or of a JSONL file, not of dataloaders"
             )
-            if output.resolve() == predict_path.resolve():
-                raise ValueError(f"--output_file {output} would overwrite the input --predict_file")
-            loader = prediction_dataloader(predict_path, datamodule)
+        if datamodule is None:
+            raise UserInputError("--predict_file / --output_file need the run's DataModule (--config of the run, or --data)")
+        if predict_file is not None:
+            output = prediction_output_path(predict_file, output_file)
+            loader = prediction_dataloader(Path(predict_file), datamodule)
             line_of = loader.dataset.line_of
         else:  # the DataModule's predict split (its test split, with its test missing setting)
             output, loader, line_of = Path(output_file), None, None
@@ -184,9 +265,9 @@ class UnipairTrainer(Trainer):
         )
 
         if not ckpt_path:
-            raise ValueError("robustness needs --ckpt_path (the checkpoint to evaluate)")
+            raise UserInputError("robustness needs --ckpt_path (the checkpoint to evaluate)")
         if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
+            raise UserInputError(f"--ckpt_path {ckpt_path} does not exist")
         parse_grid(missing_rates, missing_types)  # fail on a bad grid before any work
         out = Path(out_dir) if out_dir else default_robustness_dir(ckpt_path)
         load_weights(model, ckpt_path, weights_only=weights_only is not False)
@@ -266,9 +347,17 @@ class UnipairCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
+        check_ckpt_path(config)
         check_encoder_names(config)
         check_data_root(config)
         check_missing_settings(config)
+        if self.subcommand == "predict" and config.get("predict_file"):
+            # Every row (JSON, fields, image files decodable) before the model is built (minutes for
+            # large encoders), so a bad row costs seconds.
+            from datamodules.predict_jsonl import validate_prediction_file
+
+            prediction_output_path(config.predict_file, config.get("output_file"))
+            validate_prediction_file(config.predict_file)
 
     def after_robustness(self) -> None:
         """Save the robustness run's config next to its outputs."""
@@ -292,17 +381,30 @@ def check_checkpoint_file(ckpt_path: str | os.PathLike) -> None:
     except Exception as error:  # zip/pickle errors of many types: all mean "not a readable checkpoint"
         # First sentence only: torch's longer advice (e.g. "re-run with weights_only=False") does not apply.
         first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
-        raise ValueError(
+        raise UserInputError(
             f"--ckpt_path {ckpt_path}: cannot be read as a checkpoint ({type(error).__name__}: {first[:200]}). "
             "Is it a complete .ckpt file written by `unipair fit` (not truncated by a copy or a full disk)?"
         ) from error
     required = ("state_dict", "pytorch-lightning_version")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(
+        raise UserInputError(
             f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (expected the keys {list(required)}, found {keys}); "
             "pass a .ckpt file written by `unipair fit`"
         )
+
+
+# --ckpt_path values Lightning resolves itself (a run's own checkpoints, remote URLs).
+LIGHTNING_CKPT_NAMES: tuple[str, ...] = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(config: Any) -> None:
+    """Fail early when ``--ckpt_path`` names a local file that does not exist."""
+    ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
+    if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry:"):
+        return
+    if "://" not in str(ckpt_path) and not Path(ckpt_path).is_file():
+        raise UserInputError(f"--ckpt_path {ckpt_path}: file does not exist")
 
 
 def check_encoder_names(config: Any) -> None:
@@ -387,16 +489,30 @@ def check_missing_settings(config: Any) -> None:
             MissingSetting.from_config(value.as_dict() if hasattr(value, "as_dict") else value, f"data.{key}")
 
 
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def cli_main(args: ArgsType = None) -> None:
     """Entry point of the ``unipair`` console script and of ``python cli.py`` (returns None: exit status 0).
 
     A run stopped by SIGTERM (after saving ``last.ckpt``) exits with status 143 (128 + SIGTERM);
     Lightning itself would exit with 0, which a scheduler or shell script reads as "finished".
+    A user error (:func:`user_error_message`) prints one message and exits with status 2, as a
+    command-line typo does; ``UNIPAIR_DEBUG=1`` re-raises it with its traceback.
     """
     try:
         make_cli(args)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or _debug():
+            raise
+        argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+        command = "unipair" + (f" {argv[0]}" if argv and not str(argv[0]).startswith("-") else "")
+        print(f"{command}: error: {message} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Errors name the file, the line number, the field and what was expected: a line t
 object, an unknown field (a typo such as ``img`` would otherwise silently drop a modality), a field
 of the wrong type, an empty ``text`` or ``image`` string (omit the field or use null for "missing"),
 a row with neither modality, an image file that does not exist (checked when the file is read) or
-cannot be decoded (checked when the row is loaded, before anything is written), duplicate ids.
+cannot be decoded (:func:`validate_prediction_file` decodes every image; ``unipair predict`` calls it
+before the model is built), duplicate ids.
 
 The rows are preprocessed exactly as the training DataModule preprocesses its samples (the same
 tokenizer, ``max_text_len``, image transform and missing-modality fillers), then collated into the
@@ -40,7 +41,6 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import read_text_file
 from datamodules.batch import (
     ID,
     IMAGE,
@@ -51,6 +51,7 @@ from datamodules.batch import (
     TEXT_PRESENT,
     empty_text_ids,
 )
+from datamodules.records import read_text_file
 
 ALLOWED_FIELDS = ("id", "image", "text")
 
@@ -138,6 +139,29 @@ def read_prediction_rows(path: str | os.PathLike) -> list[PredictionRow]:
     return rows
 
 
+def decode_row_image(path: str | os.PathLike, row: PredictionRow) -> Any:
+    """Decode ``row``'s image (RGB PIL image); an unreadable file is a :class:`PredictionInputError`."""
+    from datamodules.transforms import decode_image
+
+    try:
+        return decode_image(str(row.image))
+    except Exception as error:  # PIL raises many types for bad bytes; all mean "unreadable"
+        raise PredictionInputError(
+            f"{path} line {row.line} (id {row.id!r}): field 'image': {row.image} could not be read as an "
+            f"image ({type(error).__name__}: {error})"
+        ) from error
+
+
+def validate_prediction_file(path: str | os.PathLike) -> list[PredictionRow]:
+    """:func:`read_prediction_rows` plus decoding every image once: the whole file is checked, without
+    a model or a tokenizer, before anything is built."""
+    rows = read_prediction_rows(path)
+    for row in rows:
+        if row.image is not None:
+            decode_row_image(path, row)
+    return rows
+
+
 class JsonlPredictionDataset(Dataset):
     """Rows of a prediction JSONL file, preprocessed like a DataModule's samples.
 
@@ -179,16 +203,7 @@ class JsonlPredictionDataset(Dataset):
         return len(self.rows)
 
     def _image(self, row: PredictionRow) -> torch.Tensor:
-        from datamodules.transforms import decode_image
-
-        try:
-            image = decode_image(str(row.image))
-        except Exception as error:  # PIL raises many types for bad bytes; all mean "unreadable"
-            raise PredictionInputError(
-                f"{self.path} line {row.line} (id {row.id!r}): field 'image': {row.image} could not be read as an "
-                f"image ({type(error).__name__}: {error})"
-            ) from error
-        return self.transform(image)
+        return self.transform(decode_row_image(self.path, row))
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]

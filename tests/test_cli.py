@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -223,11 +224,17 @@ def test_config_is_saved_and_a_requeued_run_may_rewrite_it(tmp_path):
          r"data.val_missing.missing_type must be one of \['text', 'image', 'both'\], got 'audio'"),
     ],
 )
-def test_misconfiguration_fails_before_anything_is_built(extra, error, message, tmp_path):
+def test_misconfiguration_fails_before_anything_is_built(extra, error, message, tmp_path, capsys, monkeypatch):
     root = make_hateful_memes(tmp_path)
+    args = ["fit", *_tiny_args("hateful_memes.yaml", root, tmp_path), *extra]
     with patch("lightning_modules.encoders.sources.create_image_backbone") as build:
+        with pytest.raises(SystemExit) as exit_info:  # a user error: one message, exit status 2
+            make_cli(args)
+        assert exit_info.value.code == 2
+        assert re.search(f"unipair fit: error: {message}", capsys.readouterr().err)
+        monkeypatch.setenv(cli.DEBUG_ENV, "1")  # the debug switch re-raises the error itself
         with pytest.raises(error, match=message):
-            make_cli(["fit", *_tiny_args("hateful_memes.yaml", root, tmp_path), *extra])
+            make_cli(args)
     build.assert_not_called()
     assert not (tmp_path / "runs").exists()
 
