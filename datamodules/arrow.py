@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.base import ImageReader, SampleRecord
+from datamodules.records import ImageReader, SampleRecord
 from datamodules.transforms import decode_image
 
 

@@ -8,8 +8,10 @@ harder 58-class variant (1,656 items).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from datamodules.base import FileImageReader, ImageReader, MissingModalityDataModule, SampleRecord
+from datamodules.checks import check_choice
+from datamodules.datamodule import MissingModalityDataModule
 from datamodules.emoji_source import (
     EmojiAssetsError,
     emoji_cache_dir,
@@ -18,6 +20,9 @@ from datamodules.emoji_source import (
     load_emoji_items,
     prepare_emoji,
 )
+from datamodules.records import FileImageReader, ImageReader, SampleRecord
+
+EmojiLabel = Literal["group", "subgroup"]
 
 
 class EmojiImageReader(FileImageReader):
@@ -49,14 +54,13 @@ class EmojiDataModule(MissingModalityDataModule):
     def __init__(
         self,
         root: str | None = None,
-        label: str = "group",
+        label: EmojiLabel = "group",
         split_seed: int = 0,
         image_size: int | None = 112,
         max_text_len: int = 32,
         **kwargs,
     ) -> None:
-        if label not in ("group", "subgroup"):
-            raise ValueError(f"label must be 'group' or 'subgroup', got {label!r}")
+        check_choice("label", label, EmojiLabel)
         super().__init__(root=root, image_size=image_size, max_text_len=max_text_len, **kwargs)
         self.cache_dir = root
         self.label = label

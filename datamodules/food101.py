@@ -20,21 +20,10 @@ import csv
 import io
 from pathlib import Path
 
-from datamodules.arrow import (
-    ArrowImageReader,
-    arrow_text_records,
-    find_arrow_file,
-    open_arrow_table,
-    require_columns,
-)
-from datamodules.base import (
-    FileImageReader,
-    ImageReader,
-    MissingModalityDataModule,
-    SampleRecord,
-    read_text_file,
-)
+from datamodules.arrow import ArrowImageReader, arrow_text_records, require_columns
+from datamodules.benchmark import BenchmarkDataModule, DataFormat
 from datamodules.missing import derive_seed, rank_by_hash
+from datamodules.records import FileImageReader, ImageReader, SampleRecord, read_text_file
 
 FOOD101_CLASSES = (
     "apple_pie baby_back_ribs baklava beef_carpaccio beef_tartare beet_salad beignets bibimbap bread_pudding "
@@ -52,7 +41,7 @@ FOOD101_CLASSES = (
 ).split()
 
 
-class Food101DataModule(MissingModalityDataModule):
+class Food101DataModule(BenchmarkDataModule):
     """UPMC Food-101: 101 classes (alphabetical Food-101 class names), metric accuracy.
 
     Args:
@@ -68,39 +57,32 @@ class Food101DataModule(MissingModalityDataModule):
 
     dataset_name = "food101"
     task = "multiclass"
+    root_contents = "the folder holding images/ and texts/ (or the arrow tables)"
+    arrow_prefix = "food101"
 
     def __init__(
         self,
         root: str | None = None,
-        format: str = "raw",
+        format: DataFormat = "raw",
         val_fraction: float = 0.1007,
         val_seed: int = 0,
         max_text_len: int = 512,
         **kwargs,
     ) -> None:
-        if root is None:
-            raise ValueError(
-                "Food101DataModule needs root: the folder holding images/ and texts/ (or the arrow tables)"
-            )
-        if format not in ("raw", "arrow"):
-            raise ValueError(f"format must be 'raw' or 'arrow', got {format!r}")
         if (
             isinstance(val_fraction, bool)
             or not isinstance(val_fraction, (int, float))
             or not 0 < val_fraction < 1
         ):
             raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
-        super().__init__(root=root, max_text_len=max_text_len, **kwargs)
-        self.format = format
+        super().__init__(root=root, format=format, max_text_len=max_text_len, **kwargs)
         self.val_fraction = float(val_fraction)
         self.val_seed = int(val_seed)
         self.num_classes = len(FOOD101_CLASSES)
         self.label_names = list(FOOD101_CLASSES)
         self._class_index = {c: i for i, c in enumerate(FOOD101_CLASSES)}
 
-    def _read_split(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
-        if self.format == "arrow":
-            return self._read_arrow(split)
+    def _read_raw(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
         root = Path(self.root)
         source_split = "test" if split == "test" else "train"
         records = self._read_csv(root, source_split)
@@ -148,10 +130,10 @@ class Food101DataModule(MissingModalityDataModule):
                 )
         return records
 
-    def _read_arrow(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
-        candidates = {"train": ["train"], "val": ["val", "dev"], "test": ["test"]}[split]
-        path = find_arrow_file(self.root, "food101", candidates)
-        table = open_arrow_table(path)
+    def _arrow_names(self, split: str) -> list[str]:
+        return {"train": ["train"], "val": ["val", "dev"], "test": ["test"]}[split]
+
+    def _read_arrow(self, path: Path, table) -> tuple[list[SampleRecord], ImageReader]:
         require_columns(table, path, ["image", "text", "label"])
         ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else None
         labels = table.column("label").to_pylist()

@@ -17,26 +17,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
-from datamodules.arrow import (
-    ArrowImageReader,
-    arrow_text_records,
-    find_arrow_file,
-    open_arrow_table,
-    require_columns,
-)
-from datamodules.base import (
-    FileImageReader,
-    ImageReader,
-    MissingModalityDataModule,
-    SampleRecord,
-    read_text_file,
-)
+from datamodules.arrow import ArrowImageReader, arrow_text_records, require_columns
+from datamodules.benchmark import BenchmarkDataModule, DataFormat
+from datamodules.checks import check_choice
+from datamodules.records import FileImageReader, ImageReader, SampleRecord, read_text_file
 
 HATEFUL_MEMES_LABELS = ["not_hateful", "hateful"]
+ValSplit = Literal["dev", "dev_seen", "dev_unseen"]
+TestSplit = Literal["test_seen", "test_unseen"]
 
 
-class HatefulMemesDataModule(MissingModalityDataModule):
+class HatefulMemesDataModule(BenchmarkDataModule):
     """Hateful Memes: binary (``num_classes=2``, logits [B, 2], cross-entropy), metric AUROC.
 
     Args:
@@ -51,28 +44,21 @@ class HatefulMemesDataModule(MissingModalityDataModule):
 
     dataset_name = "hateful_memes"
     task = "binary"
+    root_contents = "the folder holding img/ and the .jsonl files (or the arrow tables)"
+    arrow_prefix = "hatememes"
 
     def __init__(
         self,
         root: str | None = None,
-        format: str = "raw",
-        val_split: str = "dev",
-        test_split: str = "test_seen",
+        format: DataFormat = "raw",
+        val_split: ValSplit = "dev",
+        test_split: TestSplit = "test_seen",
         max_text_len: int = 128,
         **kwargs,
     ) -> None:
-        if root is None:
-            raise ValueError(
-                "HatefulMemesDataModule needs root: the folder holding img/ and the .jsonl files (or the arrow tables)"
-            )
-        if format not in ("raw", "arrow"):
-            raise ValueError(f"format must be 'raw' or 'arrow', got {format!r}")
-        if test_split not in ("test_seen", "test_unseen"):
-            raise ValueError(f"test_split must be 'test_seen' or 'test_unseen', got {test_split!r}")
-        if val_split not in ("dev", "dev_seen", "dev_unseen"):
-            raise ValueError(f"val_split must be 'dev', 'dev_seen' or 'dev_unseen', got {val_split!r}")
-        super().__init__(root=root, max_text_len=max_text_len, **kwargs)
-        self.format = format
+        check_choice("test_split", test_split, TestSplit)
+        check_choice("val_split", val_split, ValSplit)
+        super().__init__(root=root, format=format, max_text_len=max_text_len, **kwargs)
         self.val_split = val_split
         self.test_split = test_split
         self.num_classes = 2
@@ -84,9 +70,7 @@ class HatefulMemesDataModule(MissingModalityDataModule):
     def _labels_required(self, split: str) -> bool:
         return split != "test"
 
-    def _read_split(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
-        if self.format == "arrow":
-            return self._read_arrow(split)
+    def _read_raw(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
         root = Path(self.root)
         path = root / f"{self._split_file_name(split)}.jsonl"
         if not path.is_file():
@@ -124,14 +108,10 @@ class HatefulMemesDataModule(MissingModalityDataModule):
             )
         return records, FileImageReader(root)
 
-    def _read_arrow(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
-        candidates = {
-            "train": ["train"],
-            "val": [self.val_split, "dev", "val"],
-            "test": [self.test_split, "test"],
-        }[split]
-        path = find_arrow_file(self.root, "hatememes", candidates)
-        table = open_arrow_table(path)
+    def _arrow_names(self, split: str) -> list[str]:
+        return {"train": ["train"], "val": [self.val_split, "dev", "val"], "test": [self.test_split, "test"]}[split]
+
+    def _read_arrow(self, path: Path, table) -> tuple[list[SampleRecord], ImageReader]:
         require_columns(table, path, ["image", "text"])
         labels = (
             table.column("label").to_pylist() if "label" in table.column_names else [None] * table.num_rows

@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import numpy as np
 
@@ -37,7 +38,27 @@ import numpy as np
 from datamodules.batch import CODE_NAMES, COMPLETE, IMAGE_MISSING, TEXT_MISSING  # noqa: F401
 
 MISSING_TYPES = ("text", "image", "both")
+MissingType = Literal["text", "image", "both"]
 TABLE_FORMAT_VERSION = 1
+
+
+class MissingConfig(TypedDict, total=False):
+    """A split's missing setting as written in YAML or on the command line (every key optional).
+
+    A plain dict at run time (so it is stored as such in checkpoint hyperparameters); validated by
+    :meth:`MissingSetting.from_config`.
+
+    Attributes:
+        missing_rate: eta in [0, 1]: the share of samples that lose one modality (default 0).
+        missing_type: Which modality the missing samples lose: text, image or both (default both).
+        both_ratio: For both: the share of the missing samples that lose the image (default 0.5).
+        dynamic: Train only: re-draw the table every epoch from (missing_seed, epoch) (default false).
+    """
+
+    missing_rate: float
+    missing_type: MissingType
+    both_ratio: float
+    dynamic: bool
 
 
 class MissingTableError(ValueError):

@@ -15,17 +15,18 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
-from datamodules.arrow import ArrowImageReader, find_arrow_file, open_arrow_table, require_columns, texts_of
-from datamodules.base import (
-    FileImageReader,
-    ImageReader,
-    MissingModalityDataModule,
-    SampleRecord,
-    read_text_file,
-)
+from datamodules.arrow import ArrowImageReader, require_columns, texts_of
+from datamodules.benchmark import BenchmarkDataModule, DataFormat
+from datamodules.checks import check_choice
+from datamodules.logs import log_rank_zero
+from datamodules.records import FileImageReader, ImageReader, SampleRecord, read_text_file
 
 log = logging.getLogger(__name__)
+
+TextMode = Literal["per_plot", "per_movie"]
+ExtraGenres = Literal["ignore", "error"]
 
 MMIMDB_GENRES = [
     "Drama",
@@ -55,7 +56,7 @@ MMIMDB_GENRES = [
 _SPLIT_FILE_NAMES = {"train": "train", "val": "dev", "test": "test"}
 
 
-class MMIMDbDataModule(MissingModalityDataModule):
+class MMIMDbDataModule(BenchmarkDataModule):
     """MM-IMDb: multilabel over the 23 genres (multi-hot float labels), metric F1-macro.
 
     Args:
@@ -76,28 +77,21 @@ class MMIMDbDataModule(MissingModalityDataModule):
 
     dataset_name = "mmimdb"
     task = "multilabel"
+    root_contents = "the folder holding split.json and dataset/ (or the arrow tables)"
+    arrow_prefix = "mmimdb"
 
     def __init__(
         self,
         root: str | None = None,
-        format: str = "raw",
-        text_mode: str = "per_plot",
-        extra_genres: str = "ignore",
+        format: DataFormat = "raw",
+        text_mode: TextMode = "per_plot",
+        extra_genres: ExtraGenres = "ignore",
         max_text_len: int = 512,
         **kwargs,
     ) -> None:
-        if root is None:
-            raise ValueError(
-                "MMIMDbDataModule needs root: the folder holding split.json and dataset/ (or the arrow tables)"
-            )
-        if format not in ("raw", "arrow"):
-            raise ValueError(f"format must be 'raw' or 'arrow', got {format!r}")
-        if text_mode not in ("per_plot", "per_movie"):
-            raise ValueError(f"text_mode must be 'per_plot' or 'per_movie', got {text_mode!r}")
-        if extra_genres not in ("ignore", "error"):
-            raise ValueError(f"extra_genres must be 'ignore' or 'error', got {extra_genres!r}")
-        super().__init__(root=root, max_text_len=max_text_len, **kwargs)
-        self.format = format
+        check_choice("text_mode", text_mode, TextMode)
+        check_choice("extra_genres", extra_genres, ExtraGenres)
+        super().__init__(root=root, format=format, max_text_len=max_text_len, **kwargs)
         self.text_mode = text_mode
         self.extra_genres = extra_genres
         self.num_classes = len(MMIMDB_GENRES)
@@ -118,9 +112,7 @@ class MMIMDbDataModule(MissingModalityDataModule):
             )
         return root
 
-    def _read_split(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
-        if self.format == "arrow":
-            return self._read_arrow(split)
+    def _read_raw(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
         root = self._raw_root()
         split_file = root / "split.json"
         try:
@@ -209,15 +201,17 @@ class MMIMDbDataModule(MissingModalityDataModule):
 
     def _log_ignored(self) -> None:
         if self.ignored_genre_counts:
-            log.warning(
+            log_rank_zero(
+                log,
+                logging.WARNING,
                 "MM-IMDb: genre mentions outside the 23 benchmark genres ignored (extra_genres=ignore): %s",
                 dict(self.ignored_genre_counts),
             )
 
-    def _read_arrow(self, split: str) -> tuple[list[SampleRecord], ImageReader]:
-        candidates = {"train": ["train"], "val": ["dev", "val"], "test": ["test"]}[split]
-        path = find_arrow_file(self.root, "mmimdb", candidates)
-        table = open_arrow_table(path)
+    def _arrow_names(self, split: str) -> list[str]:
+        return {"train": ["train"], "val": ["dev", "val"], "test": ["test"]}[split]
+
+    def _read_arrow(self, path: Path, table) -> tuple[list[SampleRecord], ImageReader]:
         require_columns(table, path, ["image", "plots", "label"])
         ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else None
         labels = table.column("label").to_pylist()

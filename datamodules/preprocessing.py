@@ -99,7 +99,7 @@ def minilm_path() -> Path:
 
 
 def text_model_path(name: str) -> str:
-    """What ``transformers`` loads for text encoder ``name``: the built-in's folder, a local folder, or the id."""
+    """What ``transformers`` loads for text encoder ``name``: a folder (built-in or local) or the id."""
     if name == MINILM_NAME:
         return str(minilm_path())
     path = Path(name).expanduser()

@@ -98,7 +98,7 @@ def test_index_time_bad_input_is_counted_and_missing_under_missing(memes, case, 
     break_it, _ = INDEX_TIME_CASES[case]
     break_it(memes)
     dm = HatefulMemesDataModule(root=str(memes), on_bad_sample="missing", **TINY)
-    with caplog.at_level(logging.WARNING, logger="datamodules.base"):
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
         dm.setup("fit")
     reason = COUNTED_AS[case]
     assert dm.bad_sample_counts["train"][reason] == 1
@@ -178,7 +178,7 @@ def test_unreadable_image_is_counted_once_under_missing(memes, num_workers, capl
     # Found in worker processes, visible here through shared memory; counted once over two epochs.
     assert dm.bad_sample_counts["train"]["image_unreadable"] == 1
     assert dm.bad_sample_ids("train", "image_unreadable") == ["10002"]
-    with caplog.at_level(logging.WARNING, logger="datamodules.base"):
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
         dm.teardown("fit")
     assert any("image_unreadable" in r.getMessage() for r in caplog.records)
 

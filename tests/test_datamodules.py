@@ -384,7 +384,7 @@ def test_table_folder_falls_back_when_root_is_read_only(tmp_path, monkeypatch):
     monkeypatch.chdir(run_dir)
     real_access = __import__("os").access
     monkeypatch.setattr(
-        "datamodules.base.os.access",
+        "os.access",
         lambda p, mode: False if str(p).startswith(str(root)) else real_access(p, mode),
     )
     dm = HatefulMemesDataModule(root=str(root), test_missing={"missing_rate": 0.5}, **TINY)
@@ -463,7 +463,7 @@ def test_padding_to_longest_capped_at_max_text_len(tmp_path):
         ({"train_missing": {"missing_rate": 2}}, r"train_missing\.missing_rate must be a number in \[0, 1\]"),
         ({"test_missing": {"missing_type": "audio"}}, r"test_missing\.missing_type must be one of"),
         ({"val_missing": {"missing_rate": 0.5, "dynamic": True}}, r"val_missing\.dynamic"),
-        ({"on_bad_sample": "skip"}, r"on_bad_sample must be one of \['error', 'missing'\]"),
+        ({"on_bad_sample": "skip"}, r"on_bad_sample must be 'error' or 'missing'"),
         ({"batch_size": 0}, r"batch_size must be an integer >= 1"),
         ({"format": "parquet"}, r"format must be 'raw' or 'arrow'"),
         ({"test_split": "test"}, r"test_split must be 'test_seen' or 'test_unseen'"),
@@ -557,3 +557,82 @@ def test_batched_normalisation_equals_the_encoders_own_transform(tmp_path):
             torch.testing.assert_close(batch["image"][row], expected, atol=1e-5, rtol=0)
         else:
             assert bool((batch["image"][row] == 1).all())
+
+
+# ------------------------------------------------------------------ evaluation's presence masks
+
+
+def test_presence_masks_are_those_test_uses_under_that_setting(tmp_path):
+    root = make_hateful_memes(tmp_path, n_test=8)
+    setting = {"missing_rate": 0.5, "missing_type": "both"}
+    tested = HatefulMemesDataModule(root=str(root), test_missing=setting, **TINY)
+    tested.setup("test")
+    complete = HatefulMemesDataModule(root=str(root), test_missing={"missing_rate": 0.0}, **TINY)
+    masks = complete.presence_masks("test", setting)
+    ds = tested.datasets["test"]
+    assert masks.ids == ds.ids
+    assert masks.image_present.tolist() == ds.image_present.tolist()
+    assert masks.text_present.tolist() == ds.text_present.tolist()
+    assert sorted(masks.codes.tolist()) == [0] * 4 + [1] * 2 + [2] * 2
+    # The split's own setting (eta = 0) when none is given; dynamic settings have no fixed table.
+    assert complete.presence_masks("test").image_present.all()
+    with pytest.raises(ValueError, match="dynamic"):
+        complete.presence_masks("test", {"missing_rate": 0.5, "dynamic": True})
+    with pytest.raises(ValueError, match="split must be 'train', 'val' or 'test'"):
+        complete.presence_masks("dev", setting)
+
+
+def test_presence_masks_keep_one_modality_where_the_data_lack_the_other(tmp_path):
+    root = make_hateful_memes(tmp_path, n_test=8)
+    dm = HatefulMemesDataModule(root=str(root), **TINY)
+    dm.setup("test")
+    n = len(dm.datasets["test"])
+    no_image = torch.zeros(n, dtype=torch.bool)
+    masks = dm.presence_masks("test", {"missing_rate": 1.0, "missing_type": "text"}, image_usable=no_image)
+    # Every text is dropped by the table, but no image is usable: every text is restored.
+    assert not masks.image_present.any() and masks.text_present.all() and masks.overridden.all()
+    with pytest.raises(ValueError, match="one value per test sample"):
+        dm.presence_masks("test", {"missing_rate": 0.5}, image_usable=no_image[:2])
+
+
+# ------------------------------------------------------------------------------- DDP logging
+
+
+@pytest.mark.parametrize("rank, logged", [(0, True), (1, False)])
+def test_setup_logs_only_on_rank_zero(tmp_path, monkeypatch, caplog, rank, logged):
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    root = make_hateful_memes(tmp_path)
+    (root / "img" / "10001.png").unlink()  # a bad input: a warning at setup under `missing`
+    dm = HatefulMemesDataModule(root=str(root), on_bad_sample="missing", **TINY)
+    with caplog.at_level(logging.INFO, logger="datamodules"):
+        dm.setup("fit")
+        dm.teardown("fit")
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("datamodules")]
+    assert any("train split: 8 samples" in m for m in messages) is logged
+    assert any("bad inputs treated as missing" in m for m in messages) is logged
+    assert dm.bad_sample_counts["train"]["image_absent"] == 1  # counted on every rank
+
+
+# ------------------------------------------------------------------------- typed choices
+
+
+def test_choices_and_missing_keys_are_checked_at_parse_time(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(HatefulMemesDataModule, "data")
+    root = make_hateful_memes(tmp_path)
+    help_text = parser.format_help()
+    for choices in ("{raw,arrow}", "{error,missing}", "{test_seen,test_unseen}"):
+        assert choices in help_text
+    for bad in ("format: parquet", "on_bad_sample: skip", "train_missing: {missing_ratio: 0.7}"):
+        with pytest.raises(Exception, match="parquet|skip|missing_ratio"):
+            parser.parse_string(f"data:\n  root: {root}\n  {bad}\n")
+    cfg = parser.parse_string(
+        f"data:\n  root: {root}\n  train_missing: {{missing_rate: 0.7, missing_type: text}}\n"
+    )
+    assert cfg.data.train_missing == {"missing_rate": 0.7, "missing_type": "text"}  # a plain dict

@@ -255,7 +255,7 @@ def test_an_extremely_long_text_is_truncated_to_max_text_len_and_counted(tmp_pat
     memes = make_hateful_memes(tmp_path)
     edit_jsonl(memes / "train.jsonl", 2, text="word " * 200_000)
     dm = HatefulMemesDataModule(root=str(memes), **{**TINY, "max_text_len": 16, "batch_size": 8})
-    with caplog.at_level(logging.INFO, logger="datamodules.base"):
+    with caplog.at_level(logging.INFO, logger="datamodules"):
         dm.setup("fit")
     assert dm.truncated_text_counts == {"train": 1, "val": 0}
     assert any("1 text(s) longer than max_text_len=16 tokens were truncated" in r.getMessage() and "'10002'" in r.getMessage()
