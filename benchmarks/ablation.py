@@ -1,19 +1,29 @@
-"""Quality ablation on emoji: missing strategies, the method's switches and the oracle (``make ablation``).
+"""Quality ablation on emoji, v2: the method's switches against the plain baselines and the oracle (``make ablation``).
 
 Cells (one trained model each, written as one JSON under ``<out>/cells/``; finished cells are
 skipped on re-run, so the run is resumable):
 
 - training settings: ``complete`` (train eta = 0) and ``missing`` (train eta = 70 %, type both);
-- strategies ``predict`` (the method), ``zero``, ``learned``, ``dummy_input`` with the defaults;
-- the method's switches (``predict``): ``stop_grad`` (stop-gradient on the VICReg target),
-  ``substitution`` (head also trained on [z_v; ẑ_t] and [ẑ_v; z_t]), ``lambda_<x>`` (VICReg weight);
+- the *baselines*: plain late fusion with a fixed stand-in and nothing else of the method (no
+  predictor tokens, no VICReg): ``zero_plain``, ``learned_plain``, ``dummy_input_plain``;
+- the *method* (``predict``) with its switches, named by the switches that differ from the
+  reference (``method``: stop-gradient on the target, read-only gradient ``through``, raw VICReg,
+  lambda 1, no substitution). Atomic switches combine with ``+``: ``detach`` (read-only tokens read
+  detached keys / values), ``target_matched`` (VICReg in the target's standardised space),
+  ``substitution``, ``no_stop_grad``, ``lambda_<x>`` (VICReg weight). ``lambda_0`` is the
+  *task-trained predictor* baseline (the predictor learns from the task loss alone);
+- ``system_<stand-in>``: the method's system (predictor tokens + VICReg) with only the stand-in
+  changed, labelled as such (they differ from the method in one thing, from the baselines in two);
 - the oracle's three models: ``oracle_fused`` (both modalities, no predictor), ``oracle_image`` and
   ``oracle_text`` (dedicated unimodal models, see below);
-- seeds (model initialisation and data order; the missing tables are the protocol's, seed 0).
+- seeds (model initialisation and data order; the missing tables are the protocol's, seed 0), paired
+  across variants: seed s of every variant sees the same initial head and the same batch order.
 
 Every cell is evaluated on the val and test splits at eta = 70 % for missing type text / image /
 both and at eta = 0, with the robustness module's separable evaluation (the encoders run once per
-split on complete inputs, ``fuse_with_missing`` once per missing setting).
+split on complete inputs, ``fuse_with_missing`` once per missing setting); cells with a predictor
+also record the prediction diagnostics (cosine, std ratio, substitution accuracy) and every row
+the expected calibration error.
 
 The oracle. A predicted embedding is a function of the modality that is present, so it can add no
 information beyond it: the best any stand-in can do on a text-missing sample is what a dedicated
@@ -21,18 +31,23 @@ image-only model does. The unimodal models are built with the same system, encod
 head: ``oracle_image`` is trained with the text missing on *every* sample and the ``zero`` strategy,
 so the head sees [z_v; 0] and learns from the image alone; no predictor (nothing to pair with); the
 unused text encoder is ``frozen`` (identical function, no wasted backward). ``oracle_text`` mirrors
-it. Under the ``missing`` setting each oracle model is trained on the samples it could use there
-(the fused one on the complete samples, the image-only one on every sample with an image, ...).
-The oracle's prediction for a test sample comes from the fused model when it is complete and from
-the unimodal model of its present modality otherwise. ``gap closed`` =
-(strategy − zero) / (oracle − zero), from the means over seeds.
+it. They are trained on the whole training set, complete, in both settings (a ceiling). The
+oracle's prediction for a test sample comes from the fused model when it is complete and from the
+unimodal model of its present modality otherwise.
 
-Outputs: ``<out>/ablation.json`` (header + rows with setting, strategy, options, seed, split,
-test type, rate, metric, value; plus ``gap_closed``) and ``<out>/ablation.md`` (mean ± std).
+Comparisons (test split; the best baseline is chosen on val): per-seed paired differences
+method − best baseline with a 95 % t-interval, and ``gap closed`` =
+(method − best baseline) / (oracle − best baseline) of the seed means. Defaults: the method
+configuration with the best mean val accuracy over both settings and the three 70 % test types.
 
-Data: the emoji DataModule's splits, tokens, transforms and missing tables, decoded once into
-tensors (``<out>/data-*.pt``) that every cell reuses (on the training device); or ``--pack`` (see
-``benchmarks/device_pack.py``) on a machine without the asset cache.
+Outputs: ``<out>/ablation.json`` (header + rows with setting, variant, options, seed, split,
+test type, rate, metric, value; paired differences, gap closed, diagnostics, defaults) and
+``<out>/ablation.md``.
+
+Data: the emoji DataModule's splits, tokens, transforms and missing tables (label set ``--label``:
+``group``, 9 classes, or ``subgroup``, 58), decoded once into tensors (``<out>/data-*.pt``) that
+every cell reuses (on the training device); or ``--pack`` (see ``benchmarks/device_pack.py``) on a
+machine without the asset cache.
 """
 
 from __future__ import annotations
@@ -61,41 +76,72 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "missing": {"train_missing": {"missing_rate": 0.7, "missing_type": "both"}},
 }
 TEST_SETTINGS: tuple[tuple[str, float], ...] = (("text", 0.7), ("image", 0.7), ("both", 0.7), ("none", 0.0))
-STRATEGIES: tuple[str, ...] = ("predict", "zero", "learned", "dummy_input")
-# The method's switches at the values the ablation starts from (DESIGN.md's first reading: no
-# substitution, no stop-gradient, lambda 1). Every variant passes its switches explicitly, so the
-# cells mean the same thing whatever the system's defaults are later.
-REFERENCE: dict[str, Any] = {"substitution": False, "stop_grad_target": False, "pred_loss_weight": 1.0}
-SWITCHES: dict[str, dict[str, Any]] = {
-    "stop_grad": {"stop_grad_target": True},
+# The method's reference configuration: every variant spells its switches out, so a cell means the
+# same thing whatever the system's defaults are later.
+REFERENCE: dict[str, Any] = {"substitution": False, "stop_grad_target": True, "pred_loss_weight": 1.0,
+                             "readonly_grad": "through", "vicreg_space": "raw"}
+ATOMIC_SWITCHES: dict[str, dict[str, Any]] = {
+    "detach": {"readonly_grad": "detach"},
+    "target_matched": {"vicreg_space": "target_matched"},
     "substitution": {"substitution": True},
-    "lambda_0": {"pred_loss_weight": 0.0},
-    "lambda_0.1": {"pred_loss_weight": 0.1},
-    "lambda_10": {"pred_loss_weight": 10.0},
+    "no_stop_grad": {"stop_grad_target": False},
 }
-# Switches together (the single-switch cells cannot tell how they interact).
-COMBOS: dict[str, dict[str, Any]] = {
-    "stop_grad+substitution": {"stop_grad_target": True, "substitution": True},
-    "stop_grad+lambda_0.1": {"stop_grad_target": True, "pred_loss_weight": 0.1},
-    "stop_grad+lambda_10": {"stop_grad_target": True, "pred_loss_weight": 10.0},
-    "stop_grad+substitution+lambda_0.1": {"stop_grad_target": True, "substitution": True, "pred_loss_weight": 0.1},
-    "lambda_0+substitution": {"pred_loss_weight": 0.0, "substitution": True},
-}
-# The baselines as the project's configs define them (configs/model/zero.yaml, ...): no predictor,
-# no VICReg. (``zero`` / ``learned`` / ``dummy_input`` above are the method's system, trained the
-# same way as ``predict``, with only the stand-in changed.)
+LAMBDA_PREFIX = "lambda_"
+# The method variants of the default grid (``--variants`` replaces it); ``lambda_0`` is the
+# task-trained predictor baseline.
+DEFAULT_VARIANTS: tuple[str, ...] = ("method", "detach", "target_matched", "detach+target_matched", "lambda_0")
+NAMED_VARIANTS: dict[str, str] = {"lambda_0": "task-trained predictor (λ = 0)"}
+# The baselines as the project's strategy configs define them: no predictor, no VICReg.
 PLAIN: dict[str, dict[str, Any]] = {
     "zero_plain": {"missing_strategy": "zero", "predictor_length": 0},
     "learned_plain": {"missing_strategy": "learned", "predictor_length": 0},
     "dummy_input_plain": {"missing_strategy": "dummy_input", "predictor_length": 0},
+}
+# The method's system with only the stand-in changed (not baselines: they keep predictor and VICReg).
+SYSTEM_STANDINS: dict[str, dict[str, Any]] = {
+    "system_zero": {"missing_strategy": "zero"},
+    "system_learned": {"missing_strategy": "learned"},
+    "system_dummy_input": {"missing_strategy": "dummy_input"},
 }
 ORACLE: dict[str, dict[str, Any]] = {
     "oracle_fused": {"missing_strategy": "zero", "predictor_length": 0},
     "oracle_image": {"missing_strategy": "zero", "predictor_length": 0, "text_peft": "frozen"},
     "oracle_text": {"missing_strategy": "zero", "predictor_length": 0, "image_peft": "frozen"},
 }
-VARIANT_GROUPS = {"strategies": STRATEGIES, "oracle": tuple(ORACLE), "switches": tuple(SWITCHES),
-                  "combos": tuple(COMBOS), "plain": tuple(PLAIN)}
+GROUPS = ("method", "plain", "oracle", "system")
+
+
+def method_options(variant: str) -> dict[str, Any]:
+    """The system options of a method variant name (``method`` or atomic switches joined by ``+``)."""
+    options = dict(REFERENCE)
+    if variant == "method":
+        return options
+    for part in variant.split("+"):
+        if part in ATOMIC_SWITCHES:
+            options.update(ATOMIC_SWITCHES[part])
+        elif part.startswith(LAMBDA_PREFIX):
+            try:
+                options["pred_loss_weight"] = float(part[len(LAMBDA_PREFIX):])
+            except ValueError:
+                raise ValueError(f"variant {variant!r}: {part!r} is not lambda_<number>") from None
+        else:
+            raise ValueError(
+                f"variant {variant!r}: unknown switch {part!r}; expected method, {sorted(ATOMIC_SWITCHES)} or "
+                f"{LAMBDA_PREFIX}<x>, joined by '+'"
+            )
+    return options
+
+
+def variant_group(variant: str) -> str:
+    if variant in PLAIN:
+        return "plain"
+    if variant in ORACLE or variant == "oracle":  # its models, and the ceiling combined from them
+        return "oracle"
+    if variant in SYSTEM_STANDINS:
+        return "system"
+    return "method"
+
+
 PRIMARY_METRIC = "accuracy"
 # Encoders of the run: the demo's (pretrained, offline cache or device pack), or tiny random ones
 # for the smoke tests (timm test_vit + tiny-bert, with small prompt/head sizes).
@@ -106,14 +152,14 @@ ENCODERS: dict[str, dict[str, Any]] = {
     "tiny": {"image_backbone": "test_vit", "text_backbone": "tiny-bert", "pretrained": False, "prompt_length": 2,
              "prompt_depth": 2, "predictor_length": 2, "predictor_hidden_dim": 16, "head_hidden_dim": 16},
 }
-JSON_FORMAT_VERSION = 1
+JSON_FORMAT_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------- data
 
 
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"image_size": args.image_size, "max_text_len": args.max_text_len, "label": "group", "missing_seed": 0}
+    return {"image_size": args.image_size, "max_text_len": args.max_text_len, "label": args.label, "missing_seed": 0}
 
 
 def build_tensors_from_datamodule(settings: dict[str, Any], root: str | None) -> dict[str, Any]:
@@ -198,33 +244,41 @@ def load_data(args: argparse.Namespace) -> Path:
 # ------------------------------------------------------------------------------------------ cells
 
 
+def variant_list(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, strategy, options) of every variant of the run, in table order."""
+    variants = [(name, "predict", method_options(name)) for name in args.variants]
+    variants += [(name, str(o["missing_strategy"]), dict(o)) for name, o in PLAIN.items() if name in args.baselines]
+    variants += [(name, str(o["missing_strategy"]), {**REFERENCE, **o}) for name, o in SYSTEM_STANDINS.items()
+                 if name in args.system_standins]
+    if args.oracle:
+        variants += [(name, str(o["missing_strategy"]), dict(o)) for name, o in ORACLE.items()]
+    return variants
+
+
 def cell_list(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """All cells of the run, seed-major (a run cut short still has whole seeds), filtered by ``--only``."""
-    variants: list[tuple[str, str, dict[str, Any]]] = [(name, name, dict(REFERENCE)) for name in STRATEGIES]
-    variants += [(name, "predict", {**REFERENCE, **options}) for name, options in {**SWITCHES, **COMBOS}.items()]
-    variants += [(name, str(options["missing_strategy"]), dict(options)) for name, options in {**PLAIN, **ORACLE}.items()]
-    only = set(args.only) if args.only else None
-    if only:
-        known = set(SETTINGS) | {v[0] for v in variants} | set(VARIANT_GROUPS)
-        unknown = only - known
-        if unknown:
-            raise SystemExit(f"--only: unknown names {sorted(unknown)}; expected some of {sorted(known)}")
-    # Within a seed: the strategies, the oracle, the switches, their combinations, the plain
-    # baselines (a run cut short keeps the comparisons that matter most).
-    groups = {name: g for g, members in VARIANT_GROUPS.items() for name in members}
-    variants.sort(key=lambda v: list(VARIANT_GROUPS).index(groups[v[0]]))
+    """All cells of the run, seed-major (a run cut short still has whole seeds), filtered by ``--only``.
+
+    Within a seed: the oracle and the baselines first (every comparison needs them), then the method
+    variants, then the stand-in-only variants.
+    """
+    variants = variant_list(args)
+    order = {"oracle": 0, "plain": 1, "method": 2, "system": 3}
+    variants.sort(key=lambda v: order[variant_group(v[0])])
+    only = set(args.only) if args.only else set()
+    known = set(SETTINGS) | {v[0] for v in variants} | set(GROUPS)
+    if only - known:
+        raise SystemExit(f"--only: unknown names {sorted(only - known)}; expected some of {sorted(known)}")
+    wanted_settings = only & set(SETTINGS)
+    wanted_variants = only - set(SETTINGS)
     cells = []
     for seed in args.seeds:
         for name, strategy, options in variants:
-            for setting in SETTINGS:
-                if only:
-                    groups = {g for g, members in VARIANT_GROUPS.items() if name in members}
-                    wanted_variants = only - set(SETTINGS)
-                    wanted_settings = only & set(SETTINGS)
-                    if wanted_settings and setting not in wanted_settings:
-                        continue
-                    if wanted_variants and not (wanted_variants & ({name} | groups)):
-                        continue
+            if wanted_variants and not wanted_variants & {name, variant_group(name)}:
+                continue
+            # The oracle's models train on the complete training set whatever the setting: once per seed.
+            for setting in ("complete",) if variant_group(name) == "oracle" else SETTINGS:
+                if wanted_settings and setting not in wanted_settings and variant_group(name) != "oracle":
+                    continue
                 cells.append({"setting": setting, "variant": name, "strategy": strategy, "options": options, "seed": seed})
     return cells
 
@@ -235,6 +289,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "image_backbone": encoders["image_backbone"], "text_backbone": encoders["text_backbone"], "peft": args.peft,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "prompt_length": args.prompt_length or encoders["prompt_length"],
         "weights": "pack" if args.pack else ("cache" if encoders["pretrained"] else "random"),
         "data_file": Path(args.data).name if args.data else None,
         **data_settings(args), "limit_train_samples": args.limit_train_samples,
@@ -278,15 +333,15 @@ def train_presence(data: dict, cell: dict) -> tuple[torch.Tensor, torch.Tensor, 
     else:
         image, text = data["presence"]["train/both/0.7"]
     rows = torch.arange(n)
+    # The oracle is a ceiling: its models train on the whole, complete training set in both settings.
+    everything, nothing = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
     if cell["variant"] == "oracle_fused":
-        rows = rows[image & text]
-    elif cell["variant"] == "oracle_image":
-        rows = rows[image]
-        return rows, torch.ones(len(rows), dtype=torch.bool), torch.zeros(len(rows), dtype=torch.bool)
-    elif cell["variant"] == "oracle_text":
-        rows = rows[text]
-        return rows, torch.zeros(len(rows), dtype=torch.bool), torch.ones(len(rows), dtype=torch.bool)
-    return rows, image[rows], text[rows]
+        return rows, everything, everything
+    if cell["variant"] == "oracle_image":
+        return rows, everything, nothing
+    if cell["variant"] == "oracle_text":
+        return rows, nothing, everything
+    return rows, image, text
 
 
 class BatchGather:
@@ -343,6 +398,8 @@ def build_system(cell: dict, args: argparse.Namespace, data: dict):
     peft.update({k: options.pop(k) for k in ("image_peft", "text_peft") if k in options})
     options.pop("missing_strategy", None)
     kwargs = dict(ENCODERS[args.encoders])
+    if args.prompt_length:
+        kwargs["prompt_length"] = args.prompt_length
     kwargs.update(
         task="multiclass", num_classes=data["num_classes"], img_size=args.image_size,
         missing_strategy=cell["strategy"], lr=args.lr, head_lr=args.lr, **peft, **options,
@@ -411,6 +468,7 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
 
     system = system.to(device).eval()
     results: list[dict] = []
+    diagnostics: dict[str, dict[str, float]] = {}
     component_logits: dict[str, list] = {}
     for split_name in ("val", "test"):
         split = data["splits"][split_name]
@@ -421,6 +479,8 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
         eval_loader = DataLoader(range(n), batch_size=args.eval_batch_size, shuffle=False, collate_fn=eval_gather)
         encoded = encode_split(system, eval_loader, dict(zip(split["ids"], split["keys"], strict=True)), device, autocast, progress=False)
         labels = encoded.labels
+        if system.has_predictor:
+            diagnostics[split_name] = prediction_diagnostics(system, encoded, device)
         if cell["variant"] in ORACLE:
             # Oracle parts: predictions from the modalities this model uses (combined at aggregation).
             image_on = cell["variant"] != "oracle_text"
@@ -447,9 +507,24 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
         "config": run_config(args),
         "final_train_metrics": final_losses,
         "results": results,
+        "diagnostics": diagnostics,
         "component_logits": component_logits,
         "labels": {s: data["splits"][s]["labels"].tolist() for s in ("val", "test")} if component_logits else {},
     }
+
+
+@torch.no_grad()
+def prediction_diagnostics(system, encoded, device: torch.device) -> dict[str, float]:
+    """Cosine, std ratio and substitution accuracy of the predictions over a split's complete inputs."""
+    from lightning_modules.diagnostics import PredictionDiagnostics
+
+    emb = {key: value.to(device).float() for key, value in encoded.embeddings.items() if value is not None}
+    labels = encoded.labels.to(device)
+    head = system.head
+    logits = {"image": head(emb["zhat_v"], emb["z_t"]), "text": head(emb["z_v"], emb["zhat_t"])}
+    metric = PredictionDiagnostics(emb["z_v"].shape[1], emb["z_t"].shape[1], system.hparams.task).to(device)
+    metric.update(emb, logits, labels, torch.ones(len(labels), dtype=torch.bool, device=device))
+    return {name: float(value) for name, value in metric.compute().items()}
 
 
 def _metrics(logits, labels, num_classes, build_metric_collection, metric_inputs) -> dict[str, float]:
@@ -501,14 +576,9 @@ def _oracle_setting_rows(models: dict[str, dict], setting: str, seed: int, varia
 
 
 def oracle_rows(cells: list[dict], data: dict | None = None) -> list[dict]:
-    """Oracle rows per (training setting, seed, split, test setting).
-
-    ``oracle`` (the ceiling, for both training settings): the fused model on complete samples, the
-    image-only / text-only model on the others, all three trained on the whole training set (the
-    ``complete`` setting's oracle models). ``oracle_same_data`` (``missing`` setting only): the
-    same, with each model trained on the samples it could use under missing training (the fused
-    one on the complete 30 %, ...): less data than the strategies' models saw, so not a ceiling.
-    """
+    """Oracle rows per (training setting, seed, split, test setting): the fused model on complete
+    samples, the image-only / text-only model on the others, all three trained on the whole, complete
+    training set (the ceiling for both training settings)."""
     parts: dict[tuple, dict[str, dict]] = {}
     for doc in cells:
         if doc["cell"]["variant"] in ORACLE:
@@ -519,9 +589,6 @@ def oracle_rows(cells: list[dict], data: dict | None = None) -> list[dict]:
         if set(ceiling) == set(ORACLE):
             for setting in SETTINGS:
                 rows += _oracle_setting_rows(ceiling, setting, seed, "oracle", data)
-        same_data = parts.get(("missing", seed), {})
-        if set(same_data) == set(ORACLE):
-            rows += _oracle_setting_rows(same_data, "missing", seed, "oracle_same_data", data)
     return rows
 
 
@@ -549,98 +616,174 @@ def summary_table(rows: list[dict], split: str, metric: str = PRIMARY_METRIC) ->
     return table
 
 
-def gap_closed(rows: list[dict], split: str = "test") -> list[dict]:
-    """(strategy − zero) / (oracle − zero) of the seed means, per training setting and eta > 0 test setting."""
-    table = summary_table(rows, split)
-    out = []
-    variants = sorted({key[1] for key in table} - {"zero", "oracle", "oracle_same_data"})
+ETA_TESTS: tuple[tuple[str, float], ...] = tuple((t, r) for t, r in TEST_SETTINGS if r > 0)
+# Two-sided 95 % Student t quantiles by degrees of freedom (normal beyond the table).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    if df < 1:
+        return math.nan
+    return _T95.get(df) or next((v for k, v in sorted(_T95.items()) if k >= df), 1.96)
+
+
+def _per_seed(rows: list[dict], split: str, metric: str = PRIMARY_METRIC) -> dict[tuple, dict[int, float]]:
+    table: dict[tuple, dict[int, float]] = {}
+    for row in rows:
+        if row["split"] == split and row["metric"] == metric:
+            table.setdefault((row["setting"], row["variant"], row["test_type"], row["rate"]), {})[row["seed"]] = row["value"]
+    return table
+
+
+def best_baselines(rows: list[dict]) -> dict[str, str]:
+    """Per training setting, the plain baseline with the best mean val accuracy over the 70 % test types."""
+    table = summary_table(rows, "val")
+    best = {}
     for setting in SETTINGS:
-        for test_type, rate in TEST_SETTINGS:
-            if rate == 0.0:
-                continue
-            zero = table.get((setting, "zero", test_type, rate))
+        scores = {}
+        for name in PLAIN:
+            values = [table.get((setting, name, t, r)) for t, r in ETA_TESTS]
+            if all(values):
+                scores[name] = statistics.fmean(statistics.fmean(v) for v in values)
+        if scores:
+            best[setting] = max(scores, key=scores.get)
+    return best
+
+
+def paired_differences(rows: list[dict], split: str = "test") -> list[dict]:
+    """Per setting, test setting and non-baseline variant: variant − best baseline, paired by seed, with a 95 % interval."""
+    table = _per_seed(rows, split)
+    best = best_baselines(rows)
+    out = []
+    for (setting, variant, test_type, rate), values in sorted(table.items(), key=str):
+        if setting not in best or variant_group(variant) == "plain" or variant.startswith("oracle"):
+            continue
+        baseline = table.get((setting, best[setting], test_type, rate), {})
+        seeds = sorted(set(values) & set(baseline))
+        if not seeds:
+            continue
+        diffs = [values[seed] - baseline[seed] for seed in seeds]
+        mean = statistics.fmean(diffs)
+        half = t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+        out.append({"setting": setting, "variant": variant, "baseline": best[setting], "test_type": test_type,
+                    "rate": rate, "split": split, "seeds": seeds, "mean_difference": mean,
+                    "ci95_low": mean - half, "ci95_high": mean + half})
+    return out
+
+
+def gap_closed(rows: list[dict], split: str = "test") -> list[dict]:
+    """(variant − best baseline) / (oracle − best baseline) of the seed means, per setting and 70 % test setting."""
+    table = summary_table(rows, split)
+    best = best_baselines(rows)
+    out = []
+    for setting, baseline_name in best.items():
+        variants = sorted({k[1] for k in table if k[0] == setting and variant_group(k[1]) in ("method", "system")})
+        for test_type, rate in ETA_TESTS:
+            baseline = table.get((setting, baseline_name, test_type, rate))
             oracle = table.get((setting, "oracle", test_type, rate))
-            if not zero or not oracle:
+            if not baseline or not oracle:
                 continue
-            z, o = statistics.fmean(zero), statistics.fmean(oracle)
+            b, o = statistics.fmean(baseline), statistics.fmean(oracle)
             for variant in variants:
                 values = table.get((setting, variant, test_type, rate))
                 if not values:
                     continue
-                s = statistics.fmean(values)
-                out.append({"setting": setting, "variant": variant, "test_type": test_type, "rate": rate, "split": split,
-                            "strategy_mean": s, "zero_mean": z, "oracle_mean": o,
-                            "gap_closed": (s - z) / (o - z) if abs(o - z) > 1e-12 else None})
+                v = statistics.fmean(values)
+                out.append({"setting": setting, "variant": variant, "baseline": baseline_name, "test_type": test_type,
+                            "rate": rate, "split": split, "variant_mean": v, "baseline_mean": b, "oracle_mean": o,
+                            "gap_closed": (v - b) / (o - b) if abs(o - b) > 1e-12 else None})
     return out
 
 
-SWITCH_NAMES: tuple[str, ...] = ("substitution", "stop_grad_target", "pred_loss_weight")
+def diagnostics_summary(cells: list[dict], split: str = "val") -> dict[tuple, dict[str, tuple[float, float]]]:
+    """(setting, variant) -> diagnostic -> (mean, std) over seeds."""
+    values: dict[tuple, dict[str, list[float]]] = {}
+    for doc in cells:
+        found = doc.get("diagnostics", {}).get(split)
+        if not found:
+            continue
+        key = (doc["cell"]["setting"], doc["cell"]["variant"])
+        for name, value in found.items():
+            if name != "num_samples":
+                values.setdefault(key, {}).setdefault(name, []).append(value)
+    return {key: {name: mean_std(v) for name, v in found.items()} for key, found in values.items()}
+
+
+SWITCH_NAMES: tuple[str, ...] = tuple(REFERENCE)
 
 
 def decide_defaults(rows: list[dict]) -> dict[str, Any]:
-    """The method's switch values of the best ``predict`` configuration on **val**.
+    """The method's defaults: the best measured configuration **on val**.
 
-    Candidates: ``predict`` (the reference), each single switch and each combination, with their
-    switch values spelled out. Score = mean over both training settings and the three eta = 70 %
-    test types (text, image, both) of the seed-mean val accuracy; the test score (same average) is
-    reported next to it, not used. Only configurations with every (setting, test type) take part.
-    Deciding on the best configuration, not switch by switch, respects interactions (stop-gradient
-    changes what lambda does) and only ever picks a setting that was actually trained.
+    Candidates: every method variant of the run (``lambda_0`` included: if the task-trained
+    predictor wins, the VICReg term does not pay), with their switch values spelled out. Score =
+    mean over both training settings and the three eta = 70 % test types (text, image, both) of the
+    seed-mean val accuracy; the test score (same average) is reported next to it, not used. Only
+    configurations with every (setting, test type) take part. Deciding on the best configuration,
+    not switch by switch, respects interactions and only ever picks a setting that was trained.
     """
     tables = {split: summary_table(rows, split) for split in ("val", "test")}
 
     def score(split: str, variant: str) -> float | None:
         values = []
         for setting in SETTINGS:
-            for test_type, rate in TEST_SETTINGS:
-                if rate == 0.0:
-                    continue
+            for test_type, rate in ETA_TESTS:
                 cell = tables[split].get((setting, variant, test_type, rate))
                 if not cell:
                     return None
                 values.append(statistics.fmean(cell))
         return statistics.fmean(values)
 
-    candidates = {"predict": {}, **SWITCHES, **COMBOS}
+    candidates = sorted({row["variant"] for row in rows if variant_group(row["variant"]) == "method"})
     ranking = []
-    for variant, options in candidates.items():
+    for variant in candidates:
         val = score("val", variant)
         if val is None:
             continue
-        switches = {name: {**REFERENCE, **options}[name] for name in SWITCH_NAMES}
-        ranking.append({"variant": variant, "switches": switches, "val_score": val, "test_score": score("test", variant)})
+        ranking.append({"variant": variant, "switches": method_options(variant), "val_score": val,
+                        "test_score": score("test", variant)})
     ranking.sort(key=lambda r: r["val_score"], reverse=True)
     if not ranking:
         return {}
-    return {
-        "chosen_variant": ranking[0]["variant"],
-        "defaults": ranking[0]["switches"],
-        "candidates_missing": [v for v in candidates if v not in {r["variant"] for r in ranking}],
-        "ranking": ranking,
-    }
+    return {"chosen_variant": ranking[0]["variant"], "defaults": ranking[0]["switches"],
+            "candidates_missing": [v for v in candidates if v not in {r["variant"] for r in ranking}],
+            "ranking": ranking}
+
+
+def _label(variant: str) -> str:
+    group = variant_group(variant)
+    if group == "plain":
+        return f"{variant} (baseline)"
+    if group == "system":
+        return f"{variant} (method's system, stand-in changed)"
+    return f"{variant} — {NAMED_VARIANTS[variant]}" if variant in NAMED_VARIANTS else variant
 
 
 def markdown(document: dict) -> str:
     rows = document["rows"]
-    header = document["header"]
-    cfg = document["config"]
+    header, cfg = document["header"], document["config"]
     machine = header["machine"]
     where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores)"
-    order = list(STRATEGIES) + list(PLAIN) + list(SWITCHES) + list(COMBOS) + ["oracle", "oracle_same_data"]
-    columns = [(t, r) for t, r in TEST_SETTINGS]
-    col_names = [f"{t} {int(100 * r)}%" if r else "complete (η=0)" for t, r in columns]
+    order = ([v for v in PLAIN] + sorted({r["variant"] for r in rows if variant_group(r["variant"]) == "method"},
+                                          key=lambda v: (v != "method", v))
+             + list(SYSTEM_STANDINS) + ["oracle"])
+    col_names = [f"{t} {int(100 * r)}%" if r else "complete (η=0)" for t, r in TEST_SETTINGS]
     lines = [
-        f"Ablation on emoji (9 groups), {cfg['image_backbone']} + {cfg['text_backbone']}, PEFT {cfg['peft']}, "
-        f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']}, {cfg['image_size']} px; "
-        f"seeds {document['seeds_done']}; tabulated on {where}, {header['date']}: `{header['command']}`."
+        f"Ablation v2 on emoji (`{cfg['label']}` labels), {cfg['image_backbone']} + {cfg['text_backbone']}, "
+        f"PEFT {cfg['peft']}, prompt length {cfg['prompt_length']}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
+        f"lr {cfg['lr']}, {cfg['image_size']} px; seeds {document['seeds_done']}; tabulated on {where}, "
+        f"{header['date']}: `{header['command']}`."
         + (f" Cells trained on: {', '.join(document['cells_machines'])}." if document.get("cells_machines") else "")
         + (f" {document['cells_note']}" if document.get("cells_note") else ""),
         "",
-        "`zero` / `learned` / `dummy_input`: the method's system (predictor + VICReg, reference switches) with only the "
-        "stand-in changed; `*_plain`: the project's baseline configs (no predictor, no VICReg); `oracle`: fused model "
-        "on complete samples, dedicated image-only / text-only models on the others, all trained on the whole "
-        "training set (a ceiling for both settings); `oracle_same_data`: the same trained on what missing training "
-        "leaves each of them (not a ceiling).",
+        "Baselines (`*_plain`): plain late fusion with a fixed stand-in, no predictor tokens, no VICReg — they differ "
+        "from `method` in the stand-in *and* in having no predictor. Method variants differ from `method` in the "
+        "switches in their name: `detach` = read-only tokens read detached keys/values (`readonly_grad: detach`), "
+        "`target_matched` = VICReg in the target's standardised space (`vicreg_space: target_matched`), `lambda_x` = "
+        "VICReg weight x; `method` = stop-gradient on the target, `readonly_grad: through`, raw VICReg, λ = 1. "
+        "`lambda_0` is the task-trained predictor (no VICReg). `oracle`: fused model on complete samples, dedicated "
+        "image-only / text-only models on the others, all trained on the whole complete training set.",
         "",
     ]
     for split in ("test", "val"):
@@ -650,57 +793,91 @@ def markdown(document: dict) -> str:
             if not present:
                 continue
             train_eta = SETTINGS[setting]["train_missing"]["missing_rate"]
-            lines += [
-                f"**{split} {PRIMARY_METRIC}, {setting} training (train η = {int(100 * train_eta)}% both), mean ± std over seeds**",
-                "",
-                "| variant | " + " | ".join(col_names) + " |",
-                "|---|" + "---:|" * len(columns),
-            ]
+            lines += [f"**{split} {PRIMARY_METRIC}, {setting} training (train η = {int(100 * train_eta)}% both), "
+                      "mean ± std over seeds**", "", "| variant | " + " | ".join(col_names) + " |",
+                      "|---|" + "---:|" * len(TEST_SETTINGS)]
             for variant in present:
                 cells = []
-                for test_type, rate in columns:
+                for test_type, rate in TEST_SETTINGS:
                     values = table.get((setting, variant, test_type, rate))
                     if values:
-                        m, s = mean_std(values)
-                        cells.append(f"{m:.3f} ± {s:.3f}" + (f" (n={len(values)})" if len(values) != len(document["seeds_done"]) else ""))
+                        m, sd = mean_std(values)
+                        n_note = f" (n={len(values)})" if len(values) != len(document["seeds_done"]) else ""
+                        cells.append(f"{m:.3f} ± {sd:.3f}{n_note}")
                     else:
                         cells.append("")
-                lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+                lines.append(f"| {_label(variant)} | " + " | ".join(cells) + " |")
             lines.append("")
-        if split == "test" and document.get("gap_closed"):
-            gaps = document["gap_closed"]
-            lines += ["**Gap closed on test = (variant − zero) / (oracle − zero), seed means**", "",
-                      "| setting | variant | " + " | ".join(c for c in col_names if "η=0" not in c) + " |",
-                      "|---|---|" + "---:|" * (len(columns) - 1)]
-            keys = sorted({(g["setting"], g["variant"]) for g in gaps}, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
-            for setting, variant in keys:
-                cells = []
-                for test_type, rate in columns:
-                    if rate == 0.0:
-                        continue
-                    g = next((g for g in gaps if (g["setting"], g["variant"], g["test_type"], g["rate"]) == (setting, variant, test_type, rate)), None)
-                    cells.append("" if g is None or g["gap_closed"] is None else f"{g['gap_closed']:.2f}")
-                lines.append(f"| {setting} | {variant} | " + " | ".join(cells) + " |")
-            lines.append("")
+    eta_names = [f"{t} {int(100 * r)}%" for t, r in ETA_TESTS]
+    diffs = document.get("paired_differences", [])
+    if diffs:
+        lines += ["**Test: variant − best baseline (chosen on val), paired by seed: mean [95 % t-interval]**", "",
+                  "| setting | variant | baseline | " + " | ".join(eta_names + ["complete (η=0)"]) + " |",
+                  "|---|---|---|" + "---:|" * len(TEST_SETTINGS)]
+        keys = sorted({(d["setting"], d["variant"]) for d in diffs}, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+        for setting, variant in keys:
+            found = {(d["test_type"], d["rate"]): d for d in diffs if (d["setting"], d["variant"]) == (setting, variant)}
+            cells = []
+            for key in [*ETA_TESTS, ("none", 0.0)]:
+                d = found.get(key)
+                cells.append("" if d is None else f"{d['mean_difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]")
+            baseline = next(iter(found.values()))["baseline"]
+            lines.append(f"| {setting} | {variant} | {baseline} | " + " | ".join(cells) + " |")
+        lines.append("")
+    gaps = document.get("gap_closed", [])
+    if gaps:
+        lines += ["**Gap closed on test = (variant − best baseline) / (oracle − best baseline), seed means**", "",
+                  "| setting | variant | " + " | ".join(eta_names) + " |", "|---|---|" + "---:|" * len(ETA_TESTS)]
+        keys = sorted({(g["setting"], g["variant"]) for g in gaps}, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+        for setting, variant in keys:
+            cells = []
+            for test_type, rate in ETA_TESTS:
+                g = next((g for g in gaps if (g["setting"], g["variant"], g["test_type"], g["rate"]) == (setting, variant, test_type, rate)), None)
+                cells.append("" if g is None or g["gap_closed"] is None else f"{g['gap_closed']:.2f}")
+            lines.append(f"| {setting} | {variant} | " + " | ".join(cells) + " |")
+        lines.append("")
+    diag = document.get("diagnostics", {})
+    if diag:
+        names = ["cos_image", "cos_text", "std_ratio_image", "std_ratio_text", "substitution_accuracy_image",
+                 "substitution_accuracy_text"]
+        lines += ["**Val diagnostics of the predictions (complete inputs; `image` = ẑ_v from the text, `text` = ẑ_t "
+                  "from the image; substitution accuracy = the head on one predicted embedding), mean ± std**", "",
+                  "| setting | variant | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        keys = sorted((tuple(k.split("/", 1)) for k in diag), key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+        for key in keys:
+            found = diag["/".join(key)]
+            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(
+                f"{found[n][0]:.3f} ± {found[n][1]:.3f}" if n in found else "" for n in names) + " |")
+        lines.append("")
+    ece = summary_table(rows, "test", "ece")
+    if ece:
+        lines += ["**Test expected calibration error (15 bins), mean over seeds**", "",
+                  "| setting | variant | " + " | ".join(col_names) + " |", "|---|---|" + "---:|" * len(TEST_SETTINGS)]
+        for setting in SETTINGS:
+            for variant in order:
+                values = [ece.get((setting, variant, t, r)) for t, r in TEST_SETTINGS]
+                if any(values):
+                    lines.append(f"| {setting} | {variant} | " + " | ".join(
+                        f"{statistics.fmean(v):.3f}" if v else "" for v in values) + " |")
+        lines.append("")
     decisions = document.get("defaults", {})
     if decisions:
-        lines += ["**Defaults decided on val**: the best `predict` configuration by mean val accuracy over both training "
+        lines += ["**Defaults decided on val**: the best method configuration by mean val accuracy over both training "
                   "settings and text / image / both at 70 % (test: the same average, for reference)", "",
-                  "| rank | variant | substitution | stop_grad_target | pred_loss_weight | val score | test score |",
-                  "|---:|---|---|---|---:|---:|---:|"]
+                  "| rank | variant | " + " | ".join(SWITCH_NAMES) + " | val score | test score |",
+                  "|---:|---|" + "---|" * len(SWITCH_NAMES) + "---:|---:|"]
         for rank, r in enumerate(decisions["ranking"], 1):
             sw = r["switches"]
-            lines.append(f"| {rank} | {r['variant']} | {sw['substitution']} | {sw['stop_grad_target']} | "
-                         f"{sw['pred_loss_weight']} | {r['val_score']:.3f} | {r['test_score']:.3f} |")
+            lines.append(f"| {rank} | {r['variant']} | " + " | ".join(str(sw[n]) for n in SWITCH_NAMES)
+                         + f" | {r['val_score']:.3f} | {r['test_score']:.3f} |")
         missing = decisions.get("candidates_missing")
         lines += ["", f"Chosen: `{decisions['chosen_variant']}` → {decisions['defaults']}"
                   + (f" (not all candidates measured: {missing})" if missing else "") + ".", ""]
     times = document.get("timing", {})
     if times:
-        lines.append(
-            f"Cells: {times['cells_done']} done ({times['cells_run_now']} trained in this run, "
-            f"median {times['median_cell_s']:.0f} s per cell); wall {times['wall_s']:.0f} s."
-        )
+        lines.append(f"Cells: {times['cells_done']} done ({times['cells_run_now']} trained in this run, "
+                     f"median {times['median_cell_s']:.0f} s per cell); wall {times['wall_s']:.0f} s; "
+                     f"{len(document.get('cells_missing', []))} cells of the grid not done yet.")
     return "\n".join(lines) + "\n"
 
 
@@ -710,7 +887,7 @@ def markdown(document: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-batch-size", type=int, default=128)
@@ -718,9 +895,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--max-text-len", type=int, default=32)
     parser.add_argument("--peft", default="prompt", choices=("prompt", "bitfit", "lora", "full", "frozen"))
+    parser.add_argument("--label", default="group", choices=("group", "subgroup"),
+                        help="emoji label set: group (9 classes) or subgroup (58 classes)")
+    parser.add_argument("--prompt-length", type=int, default=0, help="task prompt tokens per layer (0 = the encoders' preset)")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                        help="method variants: method, or switches joined by '+' ("
+                             + ", ".join(sorted(ATOMIC_SWITCHES)) + f", {LAMBDA_PREFIX}<x>), e.g. detach+lambda_0.1")
+    parser.add_argument("--baselines", nargs="*", default=list(PLAIN), choices=list(PLAIN), help="plain baselines")
+    parser.add_argument("--system-standins", nargs="*", default=[], choices=list(SYSTEM_STANDINS),
+                        help="the method's system with only the stand-in changed (not baselines)")
+    parser.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the oracle's three models")
     parser.add_argument("--only", nargs="+", default=None,
-                        help="subset: settings (complete, missing), variants (predict, zero, ..., stop_grad, lambda_0.1, "
-                             "oracle_image, ...) or groups (strategies, switches, oracle)")
+                        help="subset of the grid: settings (complete, missing), variant names or groups "
+                             "(method, plain, oracle, system)")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at the same time (processes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
     parser.add_argument("--time-budget", type=float, default=0.0,
@@ -739,6 +926,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "eval_batch_size", "image_size", "jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for variant in args.variants:
+        try:
+            method_options(variant)
+        except ValueError as error:
+            parser.error(f"--variants: {error}")
     return args
 
 
@@ -807,7 +999,10 @@ def main(argv: list[str] | None = None) -> dict:
         "cells_missing": [f"{c['setting']}/{c['variant']}/seed{c['seed']}" for c, _ in pending
                           if not any(d["cell"] == c for d in done)],
         "rows": rows,
+        "best_baselines": best_baselines(rows),
+        "paired_differences": paired_differences(rows),
         "gap_closed": gap_closed(rows),
+        "diagnostics": {f"{k[0]}/{k[1]}": v for k, v in diagnostics_summary(done).items()},
         "defaults": decide_defaults(rows),
         "timing": {"cells_done": len(done), "cells_run_now": len(cell_times),
                    "median_cell_s": statistics.median(cell_times) if cell_times else 0.0,

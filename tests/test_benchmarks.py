@@ -97,39 +97,13 @@ def test_bench_measures_memory_in_fresh_processes(tmp_path):
 # ----------------------------------------------------------------------------------- profile step
 
 
-def test_former_and_current_token_handling_are_identical():
-    """The speed-up keeps the encoders' outputs and gradients exactly (prompts at depth < layers)."""
-    args = profile_step.parse_args(["--image-backbone", "test_vit", "--text-backbone", "tiny-bert", "--random-init",
-                                    "--image-size", "32"])
-    former, _ = profile_step.build(args)
-    current, _ = profile_step.build(args)
-    current.load_state_dict(former.state_dict())
-    # Prompts only in the first layer, so later layers exercise the pass-through branch.
-    for system in (former, current):
-        system.image_encoder.task_prompts.depth = 1
-        system.text_encoder.task_prompts.depth = 1
-    profile_step.use_legacy_forward(former)
-    batch = bench.synthetic_batch(4, 32, 8, torch.device("cpu"))
-    former.eval(), current.eval()
-    outputs = []
-    for system in (former, current):
-        losses, logits = system.compute_losses(batch)
-        losses["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in system.named_parameters() if p.grad is not None}
-        outputs.append((logits.detach(), grads))
-    assert torch.equal(outputs[0][0], outputs[1][0])
-    assert outputs[0][1].keys() == outputs[1][1].keys()
-    for name in outputs[0][1]:
-        torch.testing.assert_close(outputs[0][1][name], outputs[1][1][name], rtol=1e-5, atol=1e-6)
-
-
 TINY_PROFILE = ["--image-backbone", "test_vit", "--text-backbone", "tiny-bert", "--random-init", "--synthetic-data",
                 "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "0"]
 
 
 def test_profile_step_reports_sections(tmp_path):
     out = tmp_path / "profile.json"
-    profile_step.main([*TINY_PROFILE, "--skip", "before_after", "--operators", "0", "--out", str(out)])
+    profile_step.main([*TINY_PROFILE, "--operators", "0", "--out", str(out)])
     sections = json.loads(out.read_text())["profile"]["median_s"]
     for name in ("data", "forward: image_encoder", "forward: text_encoder", "forward: predictor_image_to_text",
                  "backward (whole)", "optimizer step", "step total", "backward: image encoder alone"):
@@ -141,21 +115,8 @@ def test_profile_step_reports_sections(tmp_path):
 @pytest.mark.slow
 def test_profile_step_writes_the_operator_table(tmp_path):
     out = tmp_path / "profile.json"
-    profile_step.main([*TINY_PROFILE, "--skip", "before_after", "--operators", "10", "--out", str(out)])
+    profile_step.main([*TINY_PROFILE, "--operators", "10", "--out", str(out)])
     assert (out.parent / "profile_operators.txt").read_text().count("aten::") >= 5
-
-
-def test_profile_step_before_after_side_by_side(tmp_path):
-    out = tmp_path / "profile.json"
-    document = profile_step.main([*TINY_PROFILE, "--skip", "profile", "--out", str(out)])
-    comparison = json.loads(out.read_text())["before_after"]
-    assert comparison["max_abs_logit_difference"] == 0.0
-    assert comparison["loss_former"] == comparison["loss_current"]
-    for what in ("train_step", "encoders_forward_backward"):
-        assert set(comparison[what]["median_s"]) >= {"former", "current"}
-        assert len(comparison[what]["ratios_vs_former"]["current"]) == 2
-        assert comparison[what]["speedup_vs_former"]["former"] == 1.0
-    assert "speed-up vs former" in document["markdown"]
 
 
 # --------------------------------------------------------------------------------------- ablation
@@ -184,45 +145,61 @@ def _synthetic_data(path: Path, n_train: int = 12, n_eval: int = 9, size: int = 
     return path
 
 
-def _tiny_ablation_args(tmp_path: Path, data: Path, *only: str) -> list[str]:
-    return ["--encoders", "tiny", "--data", str(data), "--image-size", "32", "--device", "cpu", "--seeds", "0",
-            "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "8", "--out", str(tmp_path / "out"),
-            "--only", *only]
+def _tiny_ablation_args(tmp_path: Path, data: Path, *extra: str) -> list[str]:
+    return ["--encoders", "tiny", "--data", str(data), "--image-size", "32", "--device", "cpu", "--seeds", "0", "1",
+            "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "8", "--out", str(tmp_path / "out"), *extra]
 
 
-def test_ablation_rows_oracle_gap_and_resume(tmp_path):
+def test_ablation_rows_baselines_oracle_paired_differences_and_resume(tmp_path):
     data = _synthetic_data(tmp_path / "data.pt")
-    args = _tiny_ablation_args(tmp_path, data, "predict", "zero", "oracle")
+    args = _tiny_ablation_args(tmp_path, data, "--variants", "method", "detach+target_matched",
+                               "--baselines", "zero_plain", "learned_plain")
     document = ablation.main(args)
     rows = document["rows"]
     assert set(document["row_fields"]) <= set(rows[0])
-    # predict, zero and the oracle on every test setting, both training settings, val and test.
     for setting in ("complete", "missing"):
-        for variant in ("predict", "zero", "oracle"):
+        for variant in ("method", "detach+target_matched", "zero_plain", "learned_plain", "oracle"):
             for split in ("val", "test"):
                 for test_type, rate in ablation.TEST_SETTINGS:
                     matching = [r for r in rows if r["setting"] == setting and r["variant"] == variant
                                 and r["split"] == split and r["test_type"] == test_type and r["rate"] == rate
-                                and r["metric"] == "accuracy"]
+                                and r["metric"] == "accuracy" and r["seed"] == 0]
                     assert len(matching) == 1, (setting, variant, split, test_type, rate)
                     assert 0.0 <= matching[0]["value"] <= 1.0
-    # The ceiling is the same models for both settings; the same-data oracle exists for missing training only.
-    ceiling = {(r["setting"], r["split"], r["test_type"]): r["value"] for r in rows
+    # Every model row also has its calibration error.
+    assert any(r["metric"] == "ece" and r["variant"] == "zero_plain" for r in rows)
+    # The ceiling: the same three models (trained once per seed) for both settings.
+    ceiling = {(r["setting"], r["seed"], r["split"], r["test_type"]): r["value"] for r in rows
                if r["variant"] == "oracle" and r["metric"] == "accuracy"}
-    assert ceiling[("complete", "test", "both")] == ceiling[("missing", "test", "both")]
-    assert {r["setting"] for r in rows if r["variant"] == "oracle_same_data"} == {"missing"}
-    assert all(r["seed"] == 0 for r in rows)
-    # Options are spelled out (the reference switches), whatever the system's defaults.
-    predict_row = next(r for r in rows if r["variant"] == "predict")
-    assert predict_row["options"] == ablation.REFERENCE
-    gaps = [g for g in document["gap_closed"] if g["variant"] == "predict"]
-    assert {g["test_type"] for g in gaps} == {"text", "image", "both"}
+    assert ceiling[("complete", 0, "test", "both")] == ceiling[("missing", 0, "test", "both")]
+    # Options are spelled out, whatever the system's defaults.
+    options = {r["variant"]: r["options"] for r in rows}
+    assert options["method"] == ablation.REFERENCE
+    assert options["detach+target_matched"] == {**ablation.REFERENCE, "readonly_grad": "detach",
+                                                "vicreg_space": "target_matched"}
+    assert options["zero_plain"]["predictor_length"] == 0
+    # Paired differences against the best baseline on val, with their interval.
+    best = document["best_baselines"]
+    assert set(best) == {"complete", "missing"} and set(best.values()) <= {"zero_plain", "learned_plain"}
+    diffs = [d for d in document["paired_differences"] if d["variant"] == "method" and d["setting"] == "missing"]
+    assert {d["test_type"] for d in diffs} == {"text", "image", "both", "none"}
+    value = {(r["variant"], r["seed"]): r["value"] for r in rows if r["setting"] == "missing" and r["split"] == "test"
+             and r["test_type"] == "both" and r["metric"] == "accuracy"}
+    both = next(d for d in diffs if d["test_type"] == "both")
+    expected = [value[("method", s)] - value[(best["missing"], s)] for s in (0, 1)]
+    assert both["mean_difference"] == pytest.approx(sum(expected) / 2)
+    assert both["ci95_low"] <= both["mean_difference"] <= both["ci95_high"]
+    gaps = [g for g in document["gap_closed"] if g["variant"] == "method"]
     for g in gaps:
         if g["gap_closed"] is not None:
-            assert g["gap_closed"] == pytest.approx((g["strategy_mean"] - g["zero_mean"]) / (g["oracle_mean"] - g["zero_mean"]))
+            assert g["gap_closed"] == pytest.approx(
+                (g["variant_mean"] - g["baseline_mean"]) / (g["oracle_mean"] - g["baseline_mean"]))
+    # Diagnostics of the predictions for the method's cells only.
+    assert "missing/method" in document["diagnostics"] and "missing/zero_plain" not in document["diagnostics"]
     cells = sorted((tmp_path / "out" / "cells").glob("*.json"))
-    assert len(cells) == 10  # (predict, zero, three oracle models) x two settings
-    assert "| predict |" in (tmp_path / "out" / "ablation.md").read_text()
+    assert len(cells) == 2 * (4 * 2 + 3)  # seeds x (four variants x two settings + the oracle's three models)
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| zero_plain (baseline) |" in table and "paired by seed" in table
 
     # Re-run: every cell is found and skipped; same rows.
     mtimes = [c.stat().st_mtime_ns for c in cells]
@@ -255,14 +232,27 @@ def test_oracle_combines_the_unimodal_models_per_missing_case():
 
 
 def test_cell_list_filters_and_orders_seed_major():
-    args = ablation.parse_args(["--seeds", "0", "1", "--only", "complete", "switches"])
+    args = ablation.parse_args(["--seeds", "0", "1", "--only", "complete", "method"])
     cells = ablation.cell_list(args)
     assert [c["seed"] for c in cells] == sorted(c["seed"] for c in cells)
-    assert {c["variant"] for c in cells} == set(ablation.SWITCHES)
+    assert {c["variant"] for c in cells} == set(ablation.DEFAULT_VARIANTS)
     assert {c["setting"] for c in cells} == {"complete"}
     assert all(c["strategy"] == "predict" for c in cells)
+    # The oracle's models are trained once per seed, and first.
+    cells = ablation.cell_list(ablation.parse_args(["--seeds", "0", "--only", "missing"]))
+    assert [c["variant"] for c in cells[:3]] == list(ablation.ORACLE)
+    assert {c["setting"] for c in cells[:3]} == {"complete"}
     with pytest.raises(SystemExit):
         ablation.cell_list(ablation.parse_args(["--only", "nonsense"]))
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--variants", "detach+sometimes"])
+
+
+def test_variant_names_compose_switches():
+    assert ablation.method_options("detach+lambda_0.1") == {**ablation.REFERENCE, "readonly_grad": "detach",
+                                                            "pred_loss_weight": 0.1}
+    assert ablation.method_options("lambda_0")["pred_loss_weight"] == 0.0
+    assert ablation.variant_group("zero_plain") == "plain" and ablation.variant_group("detach") == "method"
 
 
 def test_batch_gather_fills_missing_modalities():
@@ -338,8 +328,8 @@ def test_exported_pack_equals_the_cache_under_bf16_autocast(tmp_path, prepared_e
 
 def test_defaults_are_the_best_configuration_on_val():
     rows = []
-    val_scores = {"predict": 0.6, "substitution": 0.7, "stop_grad": 0.5, "stop_grad+substitution": 0.72,
-                  "lambda_0.1": 0.9, "zero": 0.95}
+    val_scores = {"method": 0.6, "detach": 0.7, "target_matched": 0.5, "detach+target_matched": 0.72,
+                  "lambda_0.1": 0.9, "zero_plain": 0.95}
     for variant, value in val_scores.items():
         for setting in ablation.SETTINGS:
             for test_type, rate in ablation.TEST_SETTINGS:
@@ -347,33 +337,21 @@ def test_defaults_are_the_best_configuration_on_val():
                     for split, v in (("val", value + 0.01 * seed), ("test", 1.0 - value)):
                         rows.append({"setting": setting, "variant": variant, "test_type": test_type, "rate": rate,
                                      "split": split, "metric": "accuracy", "seed": seed, "value": v})
-    # lambda_0.1 lacks a setting: not a candidate; zero is not a configuration of the method.
+    # lambda_0.1 lacks a setting: not a candidate; zero_plain is not a configuration of the method.
     rows = [r for r in rows if not (r["variant"] == "lambda_0.1" and r["setting"] == "complete")]
     decision = ablation.decide_defaults(rows)
-    assert decision["chosen_variant"] == "stop_grad+substitution"
-    assert decision["defaults"] == {"substitution": True, "stop_grad_target": True, "pred_loss_weight": 1.0}
+    assert decision["chosen_variant"] == "detach+target_matched"
+    assert decision["defaults"] == {**ablation.REFERENCE, "readonly_grad": "detach", "vicreg_space": "target_matched"}
     ranking = {r["variant"]: r for r in decision["ranking"]}
-    assert set(ranking) == {"predict", "substitution", "stop_grad", "stop_grad+substitution"}
-    assert ranking["substitution"]["val_score"] == pytest.approx(0.705)
-    assert ranking["predict"]["test_score"] == pytest.approx(0.4)
+    assert set(ranking) == {"method", "detach", "target_matched", "detach+target_matched"}
+    assert ranking["detach"]["val_score"] == pytest.approx(0.705)
+    assert ranking["method"]["test_score"] == pytest.approx(0.4)
     assert "lambda_0.1" in decision["candidates_missing"]
 
 
 def test_stored_cells_are_reused_only_for_the_same_training():
-    cell = {"setting": "missing", "variant": "stop_grad", "strategy": "predict", "seed": 0,
-            "options": {**ablation.REFERENCE, "stop_grad_target": True}}
-    # A cell written before the options were spelled out, with the same meaning.
-    assert ablation.same_training({**cell, "options": {"stop_grad_target": True}}, cell)
+    cell = {"setting": "missing", "variant": "detach", "strategy": "predict", "seed": 0,
+            "options": ablation.method_options("detach")}
+    assert ablation.same_training({**cell, "options": {"readonly_grad": "detach"}}, cell)
     assert not ablation.same_training({**cell, "options": {}}, cell)
     assert not ablation.same_training({**cell, "strategy": "zero"}, cell)
-
-
-def test_ablation_trains_combinations_and_plain_baselines(tmp_path):
-    data = _synthetic_data(tmp_path / "data.pt")
-    document = ablation.main(_tiny_ablation_args(tmp_path, data, "missing", "stop_grad+substitution",
-                                                 "lambda_0+substitution", "zero_plain"))
-    options = {r["variant"]: r["options"] for r in document["rows"]}
-    assert options["stop_grad+substitution"] == {**ablation.REFERENCE, "stop_grad_target": True, "substitution": True}
-    assert options["zero_plain"]["predictor_length"] == 0
-    assert {r["strategy"] for r in document["rows"] if r["variant"] == "zero_plain"} == {"zero"}
-    assert document["cells_missing"] == []
