@@ -14,10 +14,10 @@ re-run per setting:
   (all-ones image, empty text), a constant per modality (``system.filler_embeddings()``, which
   ``system.fuse_with_missing`` substitutes).
 
-The per-setting presence comes from the same missing tables ``unipair test`` uses (the DataModule's
-table folder, seed, dataset and split names), and the same bad-input rule: a modality that is
-unusable in the data stays missing whatever the table says, and a table drop that would leave a
-sample with neither modality is not applied (the DataModule's ``table_overridden``).
+The per-setting presence comes from the DataModule's ``presence_masks``: the same missing tables
+``unipair test`` uses (table folder, seed, dataset and split names) and the same bad-input rule: a
+modality that is unusable in the data stays missing whatever the table says, and a table drop that
+would leave a sample with neither modality is not applied.
 
 Outputs (``write_robustness_files``) in ``out_dir``: ``robustness.json`` (metadata + ``rows``, each
 row with the fields of :data:`ROW_FIELDS`), ``robustness.csv`` (the rows), ``robustness.md`` (a
@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROW_FIELDS: tuple[str, ...] = ("dataset", "strategy", "missing_type", "missing_rate", "metric", "value", "n")
@@ -252,25 +251,6 @@ def encode_split(
     )
 
 
-def presence_for_codes(
-    codes: np.ndarray | torch.Tensor, image_usable: torch.Tensor, text_usable: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Presence masks of a setting, by the DataModule's rule (1 = text missing, 2 = image missing).
-
-    A modality the data does not provide stays missing; a drop that would leave neither modality is
-    undone (the table is overridden for that sample, as in ``MissingModalityDataModule``).
-    """
-    from datamodules.missing import IMAGE_MISSING, TEXT_MISSING
-
-    codes = torch.as_tensor(np.asarray(codes))
-    image_present = image_usable & (codes != IMAGE_MISSING)
-    text_present = text_usable & (codes != TEXT_MISSING)
-    neither = ~image_present & ~text_present
-    image_present = image_present | (neither & image_usable)
-    text_present = text_present | (neither & text_usable)
-    return image_present, text_present
-
-
 def fuse_setting(
     system: Any,
     encoded: EncodedSplit,
@@ -322,30 +302,6 @@ def complete_copy(datamodule: Any) -> Any:
     return type(datamodule)(**arguments)
 
 
-def setting_codes(datamodule: Any, keys: Sequence[str], missing_type: str, missing_rate: float, both_ratio: float) -> np.ndarray:
-    """Codes per row for a test setting, from the table ``unipair test`` would use (reloaded or drawn).
-
-    Uses the DataModule's table folder and naming, its ``missing_seed``, dataset name and test split
-    name, so the codes are those of a test run with ``test_missing`` set to this setting.
-    """
-    from datamodules.missing import MissingSetting, load_or_create_missing_table
-
-    setting = MissingSetting.from_config(
-        {"missing_rate": missing_rate, "missing_type": missing_type, "both_ratio": both_ratio}, "robustness setting"
-    )
-    unique_keys = list(dict.fromkeys(keys))
-    codes = load_or_create_missing_table(
-        datamodule._table_path("test", setting),
-        unique_keys,
-        dataset=datamodule.dataset_name,
-        split=datamodule._split_file_name("test"),
-        setting=setting,
-        seed=datamodule.missing_seed,
-    )
-    by_key = dict(zip(unique_keys, codes.tolist(), strict=True))
-    return np.array([by_key[k] for k in keys], dtype=np.int8)
-
-
 def evaluate_robustness(
     system: Any,
     datamodule: Any,
@@ -395,8 +351,18 @@ def evaluate_robustness(
     batch_size = max(int(getattr(datamodule, "batch_size", 256)), 256)
     rows: list[dict] = []
     for missing_type, missing_rate in tqdm(grid, desc="robustness: settings", disable=not progress):
-        codes = setting_codes(complete, encoded.keys, missing_type, missing_rate, both_ratio)
-        image_present, text_present = presence_for_codes(codes, encoded.image_usable, encoded.text_usable)
+        # The table and presence rule of ``unipair test`` with this setting as ``test_missing``, applied to
+        # what the complete pass found usable (images unreadable while loading stay missing).
+        presence = complete.presence_masks(
+            "test",
+            {"missing_rate": missing_rate, "missing_type": missing_type, "both_ratio": both_ratio},
+            image_usable=encoded.image_usable.numpy(),
+            text_usable=encoded.text_usable.numpy(),
+        )
+        if presence.ids != encoded.ids:
+            raise RuntimeError("robustness: the test loader's sample order differs from the dataset's")
+        image_present = torch.from_numpy(presence.image_present)
+        text_present = torch.from_numpy(presence.text_present)
         logits = fuse_setting(system, encoded, image_present, text_present, device, batch_size, autocast)
         values = _metric_values(logits, encoded.labels, task, num_classes, threshold)
         counts = {

@@ -14,7 +14,6 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
-import torch
 from PIL import Image
 
 import cli
@@ -24,7 +23,6 @@ from lightning_modules.robustness import (
     ROW_FIELDS,
     markdown_table,
     parse_grid,
-    presence_for_codes,
     read_robustness_json,
     write_robustness_files,
 )
@@ -107,32 +105,17 @@ def test_grid_validation():
         parse_grid([0.0], ["audio"])
 
 
-def test_presence_rule_matches_datamodule_rule():
-    # codes: 0 complete, 1 text missing, 2 image missing; the last two samples have an unusable image.
-    codes = torch.tensor([0, 1, 2, 1, 0])
-    image_usable = torch.tensor([True, True, True, False, False])
-    text_usable = torch.tensor([True, True, True, True, True])
-    image_present, text_present = presence_for_codes(codes, image_usable, text_usable)
-    assert image_present.tolist() == [True, True, False, False, False]
-    # sample 3: the table drops the text but the image is unusable -> the text is kept (never neither)
-    assert text_present.tolist() == [True, False, True, True, True]
-
-
 # ------------------------------------------------------------------------------------- end to end
 
 
 def _common_args(root: Path, tmp: Path, data_config: str = "food101.yaml") -> list[str]:
     return [
         "--config", str(CONFIGS / "data" / data_config),
-        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
-        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
         "--data.root", str(root),
-        "--data.num_workers", "0",
         "--data.batch_size", "8",
         "--data.missing_table_dir", str(tmp / "tables"),
         "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
     ]
 
 
