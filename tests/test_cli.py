@@ -3,7 +3,7 @@
 Configs that name a real dataset root (``data/mmimdb`` ...) or a hub model (``configs/model/encoders/paper.yaml``)
 are checked at parse level with ``--print_config`` (which does not build anything); the fit tests run
 every dataset config with its ``root`` pointed at the fixture data of ``tests/fixtures_data.py``
-and the tiny random encoders of ``configs/model/encoders/tiny.yaml``.
+and the tiny setup of ``configs/debug/tiny.yaml`` (random tiny encoders, CPU, small batches).
 """
 
 from __future__ import annotations
@@ -114,16 +114,11 @@ def test_configs_compose_in_order(capsys):
 def _tiny_args(data_config: str, root: Path | None, tmp: Path, *extra: str) -> list[str]:
     args = [
         "--config", str(CONFIGS / "data" / data_config),
-        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
-        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
-        "--data.num_workers", "0",
-        "--data.batch_size", "4",
+        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
         "--data.missing_table_dir", str(tmp / "tables"),
         "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
         # fast_dev_run swaps the logger out, and checkpoints then go under default_root_dir (the cwd).
         "--trainer.default_root_dir", str(tmp / "root"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
         *extra,
     ]
     if root is not None:
@@ -150,7 +145,7 @@ def test_fit_fast_dev_run_for_each_dataset_config(data_config, tmp_path, request
     run = make_cli(
         ["fit", *_tiny_args(data_config, root, tmp_path,
                             "--config", str(CONFIGS / "missing" / "missing_training_both.yaml"),
-                            "--trainer.fast_dev_run", "true")]
+                            "--config", str(CONFIGS / "debug" / "fast_dev_run.yaml"))]
     )
     assert run.trainer.state.finished
     # Linked both ways: label count and task from the data; encoders and image size from the model.

@@ -104,15 +104,10 @@ def trained(tmp_path_factory) -> dict:
     root = make_hateful_memes(tmp)
     common = [
         "--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
-        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
         "--data.root", str(root),
-        "--data.num_workers", "0",
-        "--data.batch_size", "4",
         "--data.missing_table_dir", str(tmp / "tables"),
         "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
     ]
     fitted = make_cli(["fit", *common, "--trainer.max_epochs", "1"])
     return {"common": common, "root": root, "ckpt": fitted.trainer.checkpoint_callback.last_model_path, "tmp": tmp}

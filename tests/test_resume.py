@@ -271,8 +271,7 @@ def _command(config: Path, *extra: str) -> list[str]:
     return [
         sys.executable, str(REPO / "cli.py"), "fit",
         "--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
-        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
         "--config", str(config),
         *extra,
     ]
