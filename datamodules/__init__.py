@@ -1,7 +1,8 @@
 """LightningDataModules: datasets, missing-modality simulation, collation.
 
 Public classes: :class:`MissingModalityDataModule` (the base), :class:`MMIMDbDataModule`,
-:class:`Food101DataModule`, :class:`HatefulMemesDataModule`, :class:`EmojiDataModule`; the batch
+:class:`Food101DataModule`, :class:`HatefulMemesDataModule`, :class:`EmojiDataModule`,
+:class:`ManifestDataModule` (your own CSV / JSONL / Parquet records); the batch
 contract is :mod:`datamodules.batch`, the pure protocol functions live in :mod:`datamodules.missing`.
 """
 
@@ -9,6 +10,7 @@ from datamodules.base import BadSampleError, MissingModalityDataModule, SplitPre
 from datamodules.emoji import EmojiDataModule
 from datamodules.food101 import Food101DataModule
 from datamodules.hateful_memes import HatefulMemesDataModule
+from datamodules.manifest import ManifestDataModule
 from datamodules.missing import MissingConfig, MissingSetting, MissingTableError, sample_missing_table
 from datamodules.mmimdb import MMIMDbDataModule
 
@@ -18,6 +20,7 @@ __all__ = [
     "Food101DataModule",
     "HatefulMemesDataModule",
     "MMIMDbDataModule",
+    "ManifestDataModule",
     "MissingConfig",
     "MissingModalityDataModule",
     "MissingSetting",
