@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MISSING_STRATEGIES: tuple[str, ...] = ("predict", "zero", "learned", "dummy_input")
+from lightning_modules.strategies import MISSING_STRATEGIES, get_strategy  # noqa: F401  (re-exported)
 
 
 class FusionHead(nn.Module):
@@ -51,10 +51,9 @@ class MissingModalityFill(nn.Module):
 
     def __init__(self, strategy: str, image_dim: int, text_dim: int) -> None:
         super().__init__()
-        if strategy not in MISSING_STRATEGIES:
-            raise ValueError(f"missing_strategy: unknown strategy {strategy!r}; expected one of {list(MISSING_STRATEGIES)}")
+        self.spec = get_strategy(strategy)
         self.strategy = strategy
-        if strategy == "learned":
+        if self.spec.learned_stand_in:
             self.missing_image = nn.Parameter(torch.zeros(image_dim))
             self.missing_text = nn.Parameter(torch.zeros(text_dim))
             nn.init.normal_(self.missing_image, std=0.02)
@@ -64,9 +63,9 @@ class MissingModalityFill(nn.Module):
         self, embedding: torch.Tensor, prediction: torch.Tensor | None, present: torch.Tensor, learned: torch.Tensor | None
     ) -> torch.Tensor:
         present = present.bool().unsqueeze(-1)
-        if self.strategy == "dummy_input":
+        if self.spec.encodes_filler:
             return embedding
-        if self.strategy == "predict":
+        if self.spec.needs_predictor:
             if prediction is None:
                 raise ValueError("missing_strategy 'predict' needs predictions: set predictor_length >= 1")
             stand_in = prediction.to(embedding.dtype)
