@@ -135,10 +135,15 @@ def test_each_file_sets_only_its_groups_options(name):
 
 
 def _signature_defaults(cls) -> dict[str, object]:
-    return {
-        name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+    """Defaults of ``cls.__init__``, with those its bases take through ``**kwargs``."""
+    defaults: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass is not object:
+            defaults.update(
+                (name, p.default) for name, p in inspect.signature(klass.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty
+            )
+    return defaults
 
 
 def _same(value, default) -> bool:
