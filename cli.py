@@ -73,13 +73,18 @@ class UserInputError(ValueError):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from datamodules import BadSampleError
     from datamodules.cache import CacheError
     from datamodules.missing import MissingTableError
     from datamodules.predict_jsonl import PredictionInputError
     from lightning_modules.checkpointing import CheckpointMismatchError
 
-    return (UserInputError, BadSampleError, CacheError, MissingTableError, PredictionInputError, CheckpointMismatchError)
+    return (
+        UserInputError, BadSampleError, CacheError, MissingTableError, PredictionInputError,
+        CheckpointMismatchError, MisconfigurationException,  # Lightning's "the Trainer options cannot work"
+    )
 
 
 def _in_validating_code(filename: str | None) -> bool:
@@ -105,7 +110,8 @@ def user_error_message(error: BaseException) -> str | None:
 
     User errors are unipair's input and checkpoint error types (``BadSampleError``,
     ``PredictionInputError``, ``MissingTableError``, ``CacheError``, ``CheckpointMismatchError``,
-    :class:`UserInputError`) and the ``ValueError`` / ``FileNotFoundError`` that unipair's own
+    :class:`UserInputError`), Lightning's ``MisconfigurationException`` (Trainer options that cannot
+    work here) and the ``ValueError`` / ``FileNotFoundError`` that unipair's own
     validation raises (in ``datamodules/``, ``lightning_modules/`` or this file: option checks of the
     constructors, reader checks of files and rows). The same error raised inside a library (torch, timm,
     ...) is treated as a bug. Errors re-raised from DataLoader workers are unwrapped first, and a

@@ -75,6 +75,12 @@ def test_option_errors_name_the_option(tmp_path, memes, capsys, extra, named):
     assert named in _exit(["fit", *_args(tmp_path, memes), *extra], capsys)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_trainer_option_that_cannot_work_here_is_one_message(tmp_path, memes, capsys):
+    message = _exit(["fit", *_args(tmp_path, memes, "--trainer.accelerator", "gpu")], capsys)
+    assert "gpu" in message.lower()
+
+
 def test_bad_row_in_a_dataset_file_names_file_line_and_field(tmp_path, memes, capsys):
     lines = (memes / "train.jsonl").read_text().splitlines()
     row = json.loads(lines[1])
