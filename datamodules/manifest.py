@@ -321,9 +321,9 @@ class ManifestDataModule(MissingModalityDataModule):
         self._parsed: dict[str, ParsedSplit] = {}
         self._parse_fit_splits(first)
         self._set_classes(self._parsed["train"], task, classes)
-        # Stored with the DataModule's hyperparameters, so the checkpoint holds the class list.
-        self.hparams["classes"] = list(self.label_names)
-        self.hparams["task"] = self.task
+        # The resolved classes and task become the hyperparameters (initial ones too: the logger
+        # compares them with the model's task), so the checkpoint holds the class list.
+        self.save_hyperparameters({**self.hparams, "classes": list(self.label_names), "task": self.task})
 
     # --------------------------------------------------------------------------- parsing a file
 
