@@ -1,4 +1,4 @@
-"""UnipairSystem: the LightningModule of the method (DESIGN.md section 2) and its baselines.
+"""UnipairSystem: the LightningModule of the method and its baselines.
 
 Per step: both encoders run on the whole batch (missing inputs arrive as fillers, see the batch
 format), each yields its modality embedding z and, from its read-only tokens, a prediction of the
@@ -17,27 +17,30 @@ depend on the missing input). For ``dummy_input`` it substitutes :meth:`UnipairS
 (the encoders' outputs for the all-ones filler image and the empty text, deterministic in eval mode)
 for the missing modality, which equals encoding the filler inside the batch up to float rounding.
 
-Checkpoints hold only what trains (plus buffers) and the primitive hyperparameters; frozen backbone
-weights are rebuilt from their sources (``lightning_modules.encoders.sources``) when the module is
-constructed, and ``on_load_checkpoint`` fills them in (with a check that nothing else is missing).
+This module is the method: encode, fuse, losses, steps. Its parts live in their own modules: the
+missing strategies (``strategies.py``), metric bookkeeping (``stage_metrics.py``), the non-finite
+guard (``numerics.py``), slim checkpoints with frozen-weight digests (``checkpointing.py``) and the
+optimiser groups and schedule (``optim.py``).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
-from torchmetrics import Metric, SumMetric
+from torchmetrics import Metric
 
+from lightning_modules import checkpointing
+from lightning_modules.checkpointing import CHECKPOINT_OMITTED_KEY  # noqa: F401  (re-exported)
 from lightning_modules.diagnostics import PredictionDiagnostics
 from lightning_modules.encoders import sources
 from lightning_modules.encoders.image import ImageEncoder
 from lightning_modules.encoders.text import TextEncoder
-from lightning_modules.fusion import MISSING_STRATEGIES, FusionHead, MissingModalityFill
+from lightning_modules.fusion import FusionHead, MissingModalityFill
 from lightning_modules.losses import (
     TASKS,
     VICREG_SPACES,
@@ -48,34 +51,24 @@ from lightning_modules.losses import (
     per_sample_task_loss,
     vicreg_loss,
 )
-from lightning_modules.metrics import (
-    IGNORE_INDEX,
-    MISSING_CASES,
-    build_metric_collection,
-    ignore_outside,
-    metric_inputs,
-    missing_case_masks,
-    monitor_metric,
+from lightning_modules.metrics import metric_inputs, monitor_metric
+from lightning_modules.numerics import (  # noqa: F401  (re-exported)
+    LOSS_COMPONENTS,
+    NONFINITE_POLICIES,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    distributed,
+    skipped_batch_loss,
+    step_position,
 )
+from lightning_modules.optim import LR_SCHEDULES, configure_adamw, parameter_groups
 from lightning_modules.peft_modes import check_peft_mode, count_parameters
 from lightning_modules.predictor import PredictorHead
 from lightning_modules.readonly_attention import ReadonlyGrad, check_readonly_grad
+from lightning_modules.stage_metrics import CASE_STAGES, EVAL_SAMPLE_COUNT, STAGES, StageMetrics  # noqa: F401
+from lightning_modules.strategies import check_predictor, get_strategy, untrained_stand_in_warning
 
-LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine", "constant")
-STAGES: tuple[str, ...] = ("train", "val", "test")
-CASE_STAGES: tuple[str, ...] = ("val", "test")  # stages with the per-missing-case breakdown
-EVAL_SAMPLE_COUNT = "num_samples"  # key of the evaluated-sample counter next to the loss sums
-CHECKPOINT_OMITTED_KEY = "unipair_omitted_frozen_keys"
 CHECKPOINT_SKIPPED_KEY = "unipair_nonfinite_skipped_batches"
-NONFINITE_POLICIES: tuple[str, ...] = ("error", "skip")
-# Loss terms a non-finite value is reported by, components before the sums they make up.
-LOSS_COMPONENTS: tuple[str, ...] = (
-    "task_loss", "substitution_loss", "vicreg_invariance", "vicreg_variance", "vicreg_covariance",
-)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A training loss term or gradient (or an evaluation logit) is NaN or infinite."""
 
 
 class UnipairSystem(LightningModule):
@@ -130,7 +123,8 @@ class UnipairSystem(LightningModule):
         lr: AdamW learning rate of the encoder parameters that train (task prompts, biases, LoRA, ...).
         head_lr: learning rate of the fusion head, predictor MLPs, read-only tokens and learned missing
             embeddings (None = ``lr``).
-        weight_decay: AdamW weight decay (not applied to biases and norm weights, i.e. 1-D parameters).
+        weight_decay: AdamW weight decay (not on 1-D parameters, i.e. biases and norm weights, nor on
+            position embeddings and class/register tokens: ``lightning_modules/optim.py``).
         warmup_fraction: fraction of the total optimiser steps with linear warm-up from 0.
         lr_schedule: decay after warm-up: ``linear`` (to 0), ``cosine`` (to 0) or ``constant``.
         multilabel_threshold: probability threshold of the multilabel metrics.
@@ -191,14 +185,7 @@ class UnipairSystem(LightningModule):
             raise ValueError(f"num_classes must be >= 2 for task {task!r}, got {num_classes}")
         check_peft_mode(image_peft, "image_peft")
         check_peft_mode(text_peft, "text_peft")
-        if missing_strategy not in MISSING_STRATEGIES:
-            raise ValueError(
-                f"missing_strategy: unknown strategy {missing_strategy!r}; expected one of {list(MISSING_STRATEGIES)}"
-            )
-        if predictor_length == 0 and (missing_strategy == "predict" or substitution):
-            raise ValueError(
-                "predictor_length=0 leaves no predictor, but missing_strategy='predict' or substitution=True needs one"
-            )
+        check_predictor(get_strategy(missing_strategy), predictor_length, substitution)
         check_readonly_grad(readonly_grad)
         if vicreg_space not in VICREG_SPACES:
             raise ValueError(f"vicreg_space: unknown value {vicreg_space!r}; expected one of {list(VICREG_SPACES)}")
@@ -244,36 +231,7 @@ class UnipairSystem(LightningModule):
         self.missing_fill = MissingModalityFill(missing_strategy, image_dim, text_dim)
         self.head = FusionHead(image_dim, text_dim, head_hidden_dim, num_classes, head_dropout)
 
-        base_metrics = build_metric_collection(task, num_classes, multilabel_threshold)
-        case_base_metrics = build_metric_collection(task, num_classes, multilabel_threshold, ignore_index=IGNORE_INDEX)
-        # Keys are "<stage>_metrics" because ModuleDict keys may not shadow nn.Module.train.
-        self.stage_metrics = nn.ModuleDict(
-            {f"{stage}_metrics": base_metrics.clone(prefix=f"{stage}/") for stage in STAGES}
-        )
-        self.case_metrics = nn.ModuleDict(
-            {
-                f"{stage}_metrics": nn.ModuleDict(
-                    {case: case_base_metrics.clone(prefix=f"{stage}/{case}/") for case in MISSING_CASES}
-                )
-                for stage in CASE_STAGES
-            }
-        )
-        self.case_counts = nn.ModuleDict(
-            {f"{stage}_metrics": nn.ModuleDict({case: SumMetric() for case in MISSING_CASES}) for stage in CASE_STAGES}
-        )
-        # Validation/test loss means over the whole split, as sample-weighted sums and a sample count
-        # synced by torchmetrics. (Lightning's epoch mean under DDP syncs the counts as an integer
-        # *mean*, truncated on gloo: wrong when processes hold different numbers of samples, as with
-        # the unpadded evaluation shards. torchmetrics 1.9's MeanMetric ignores weights when told to
-        # keep NaN.) NaN stays NaN: nothing is dropped silently.
-        self.eval_loss_sums = nn.ModuleDict(
-            {
-                f"{stage}_metrics": nn.ModuleDict(
-                    {name: SumMetric(nan_strategy="disable") for name in [*self.loss_names(), EVAL_SAMPLE_COUNT]}
-                )
-                for stage in CASE_STAGES
-            }
-        )
+        self.epoch_metrics = StageMetrics(task, num_classes, multilabel_threshold, self.loss_names())
         if self.has_predictor:
             self.prediction_diagnostics = nn.ModuleDict(
                 {f"{stage}_metrics": PredictionDiagnostics(image_dim, text_dim, task, multilabel_threshold)
@@ -281,11 +239,7 @@ class UnipairSystem(LightningModule):
             )
         self._tokenizer: Any = None
         self._filler_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
-        # Numerical safety: batches whose update was skipped (kept in checkpoints), and the batches
-        # / skips since the last optimizer step (gradient accumulation windows).
-        self.nonfinite_skipped_batches = 0
-        self._window_batches = 0
-        self._window_skipped = 0
+        self.nonfinite_guard = NonFiniteGuard()
 
     # ------------------------------------------------------------------------------------ properties
 
@@ -305,6 +259,15 @@ class UnipairSystem(LightningModule):
     def trainable_fraction(self) -> float:
         """Trainable parameters / all parameters of the module."""
         return count_parameters(self, trainable_only=True) / count_parameters(self)
+
+    @property
+    def nonfinite_skipped_batches(self) -> int:
+        """Batches (or updates) skipped for non-finite values under ``nonfinite_policy: skip``."""
+        return self.nonfinite_guard.skipped_batches
+
+    @nonfinite_skipped_batches.setter
+    def nonfinite_skipped_batches(self, value: int) -> None:
+        self.nonfinite_guard.skipped_batches = int(value)
 
     # ------------------------------------------------------------------------------- forward pieces
 
@@ -355,7 +318,7 @@ class UnipairSystem(LightningModule):
         missing setting. For ``dummy_input`` the missing modality's z is replaced by
         :meth:`filler_embeddings`; the other strategies do not look at a missing z at all.
         """
-        if self.hparams.missing_strategy == "dummy_input":
+        if self.missing_fill.spec.encodes_filler:
             filler = self.filler_embeddings()
             image_present, text_present = image_present.bool(), text_present.bool()
             emb = dict(emb)
@@ -468,7 +431,7 @@ class UnipairSystem(LightningModule):
         return losses
 
     def _distributed(self) -> bool:
-        return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        return distributed()
 
     # --------------------------------------------------------------------------------- Lightning hooks
 
@@ -479,6 +442,14 @@ class UnipairSystem(LightningModule):
         for module in self.modules():
             if isinstance(module, Metric):
                 module.reset()
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_setting = getattr(datamodule, "missing", {}).get("train") if datamodule is not None else None
+        train_rate = getattr(train_setting, "missing_rate", None)
+        message = untrained_stand_in_warning(self.missing_fill.spec, train_rate)
+        if message:
+            rank_zero_warn(message)
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         image_present, text_present = self._check_presence(batch)
@@ -492,147 +463,26 @@ class UnipairSystem(LightningModule):
                 emb, substitution_logits, batch["label"], image_present & text_present
             )
         if stage == "train":
-            self._window_batches += 1
-            if self._nonfinite_losses(losses, batch):
-                self._window_skipped += 1
-                return self._skipped_batch_loss()
-        else:
-            self._check_finite_logits(logits, batch, stage)
-        batch_size = logits.shape[0]
-        if stage == "train":
+            policy = self.hparams.nonfinite_policy
+            if self.nonfinite_guard.check_losses(losses, batch.get("id", []), step_position(self), policy):
+                return skipped_batch_loss(self, self.device)
             for name, value in losses.items():
                 self.log(
-                    f"{stage}/{name}", value, on_step=True, on_epoch=True, batch_size=batch_size,
+                    f"{stage}/{name}", value, on_step=True, on_epoch=True, batch_size=logits.shape[0],
                     prog_bar=name == "loss", sync_dist=True,
                 )
         else:
-            sums = self.eval_loss_sums[f"{stage}_metrics"]
-            for name, value in losses.items():
-                sums[name].update(value.detach().float() * batch_size)
-            sums[EVAL_SAMPLE_COUNT].update(float(batch_size))
-        preds, target = metric_inputs(logits, batch["label"], self.hparams.task)
-        self.stage_metrics[f"{stage}_metrics"].update(preds, target)
-        if stage in CASE_STAGES:
-            for case, mask in missing_case_masks(batch["image_present"], batch["text_present"]).items():
-                self.case_counts[f"{stage}_metrics"][case].update(mask.sum().float())
-                # Whole batch, other cases ignored: no empty updates, well-typed states on every rank.
-                self.case_metrics[f"{stage}_metrics"][case].update(preds, ignore_outside(target, mask))
+            self.nonfinite_guard.check_logits(logits, batch.get("id"), stage)
+        self.epoch_metrics.update(stage, logits, batch, None if stage == "train" else losses)
         return losses["loss"]
 
     # ---------------------------------------------------------------------------- numerical safety
 
-    def _any_rank(self, flags: torch.Tensor) -> torch.Tensor:
-        """Element-wise maximum of a float flag vector over DDP ranks (identity on one process).
-
-        Every rank then takes the same decision, so no rank skips a backward pass or raises alone
-        (which would leave the others waiting in a collective).
-        """
-        if self._distributed():
-            flags = flags.clone()
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return flags
-
-    def _where(self, batch: dict[str, Any]) -> str:
-        trainer = self._trainer
-        if trainer is None:
-            return "outside a Trainer"
-        return (
-            f"global step {self.global_step} (optimizer steps done), epoch {self.current_epoch}, "
-            f"batch {trainer.fit_loop.epoch_loop.batch_idx + 1} of the epoch"
-        )
-
-    def _nonfinite_losses(self, losses: dict[str, torch.Tensor], batch: dict[str, Any]) -> bool:
-        """Check every loss term; True when the batch must be skipped (policy ``skip``), raise (``error``).
-
-        A [ranks x terms] flag matrix (each rank fills its row) is max-reduced over the ranks: a single
-        device sync, the same decision on every rank, and a message saying which term went
-        non-finite on which rank (the VICReg terms use the global batch, so a NaN row of one rank
-        makes them NaN on every rank; the task loss is per rank).
-        """
-        names = list(losses)
-        values = torch.stack([losses[name].detach().float() for name in names])
-        world = torch.distributed.get_world_size() if self._distributed() else 1
-        rank = torch.distributed.get_rank() if self._distributed() else 0
-        flags = torch.zeros(world, len(names), device=values.device)
-        flags[rank] = (~torch.isfinite(values)).float()
-        flags = self._any_rank(flags).tolist()
-        if not any(any(row) for row in flags):
-            return False
-        ranks_of = {name: [r for r in range(world) if flags[r][i]] for i, name in enumerate(names)}
-        bad_terms = [name for name in names if ranks_of[name]]
-        components = [name for name in bad_terms if name in LOSS_COMPONENTS]
-        where = (lambda name: f" (rank(s) {ranks_of[name]})") if world > 1 else (lambda name: "")
-        if components:
-            what = "non-finite loss term(s): " + ", ".join(name + where(name) for name in components)
-        else:
-            what = f"non-finite weighted sum ({', '.join(bad_terms)}) while every component is finite (overflow)"
-        local = dict(zip(names, values.tolist(), strict=True))
-        ids = list(batch.get("id", []))[:8]
-        details = (
-            f"{what} at {self._where(batch)}"
-            + f". Values on rank {rank}: " + ", ".join(f"{k}={v:.6g}" for k, v in local.items())
-            + f". Batch ids (first 8, rank {rank}): {ids}."
-        )
-        if self.hparams.nonfinite_policy == "error":
-            raise NonFiniteLossError(
-                f"Training stopped: {details} Lower the learning rate, check the inputs, or set "
-                "model.nonfinite_policy: skip to skip such batches (counted and logged)."
-            )
-        self.nonfinite_skipped_batches += 1
-        rank_zero_warn(
-            f"Skipping the update of this batch (nonfinite_policy=skip, {self.nonfinite_skipped_batches} "
-            f"skipped so far): {details}"
-        )
-        return True
-
-    def _skipped_batch_loss(self) -> torch.Tensor:
-        """A zero loss reaching every trainable parameter: backward (and DDP's gradient all-reduce) runs
-        as usual with zero gradients; ``on_before_optimizer_step`` then drops them so the optimizer
-        leaves the parameters and its moments untouched."""
-        return sum((param.sum() * 0.0 for param in self.parameters() if param.requires_grad), torch.zeros((), device=self.device))
-
-    def _check_finite_logits(self, logits: torch.Tensor, batch: dict[str, Any], stage: str) -> None:
-        bad_rows = ~torch.isfinite(logits.detach()).all(dim=-1)
-        if not self._any_rank(bad_rows.any().float().view(1)).item():
-            return
-        ids = batch.get("id")
-        rows = bad_rows.nonzero().flatten().tolist()
-        named = [ids[i] for i in rows] if ids is not None else rows
-        raise NonFiniteLossError(
-            f"{stage}: non-finite logits for sample(s) {named[:10]}"
-            + (f" (and {len(named) - 10} more)" if len(named) > 10 else "")
-            + ("" if named else " on another rank")
-            + "; the metrics would be meaningless. The weights or these inputs hold NaN/inf values."
-        )
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        window_batches, window_skipped = self._window_batches, self._window_skipped
-        self._window_batches = self._window_skipped = 0
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if window_batches and window_skipped == window_batches:
-            # Every batch of this update was skipped: no update at all (AdamW leaves parameters
-            # without a gradient untouched, moments and step counts included).
-            for param in params:
-                param.grad = None
-            return
-        if not params or str(self.trainer.precision).startswith("16"):
-            return  # fp16 mixed precision: the gradient scaler already skips steps with inf gradients
-        norms = torch._foreach_norm([p.grad for p in params])
-        finite = torch.isfinite(torch.stack(norms))
-        if bool(finite.all()):  # gradients are already all-reduced under DDP: the same answer on every rank
-            return
-        names = {id(p): n for n, p in self.named_parameters()}
-        bad = [names.get(id(p), "?") for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
-        details = f"non-finite gradient(s) at global step {self.global_step} in {len(bad)} parameter(s), e.g. {bad[:5]}"
-        if self.hparams.nonfinite_policy == "error":
-            raise NonFiniteLossError(
-                f"Training stopped: {details} (the loss terms were finite). Lower the learning rate, or set "
-                "model.nonfinite_policy: skip to skip such updates (counted and logged)."
-            )
-        self.nonfinite_skipped_batches += 1
-        rank_zero_warn(f"Skipping this update (nonfinite_policy=skip, {self.nonfinite_skipped_batches} skipped so far): {details}")
-        for param in params:
-            param.grad = None
+        self.nonfinite_guard.before_optimizer_step(
+            optimizer, self.named_parameters, self.global_step, str(self.trainer.precision),
+            self.hparams.nonfinite_policy,
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -655,42 +505,17 @@ class UnipairSystem(LightningModule):
         }
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        collection = self.stage_metrics[f"{stage}_metrics"]
+        self.epoch_metrics.log_epoch(stage, self.log, self.log_dict, self._distributed())
+        if stage not in CASE_STAGES or not self.has_predictor:
+            return
+        diagnostics = self.prediction_diagnostics[f"{stage}_metrics"]
         with warnings.catch_warnings():
             # A rank may see no batch of a stage (tiny sets under DDP); the synced value is still right.
             warnings.filterwarnings("ignore", message=".*compute.*before the.*update.*")
-            if any(m._update_count for m in collection.values()) or self._distributed():
-                # torchmetrics already synced these; sync_dist averages identical values (and keeps
-                # Lightning from warning about unsynced epoch-level logs).
-                self.log_dict(collection.compute(), sync_dist=True)
-            collection.reset()
-            if stage not in CASE_STAGES:
-                return
-            sums = self.eval_loss_sums[f"{stage}_metrics"]
-            if sums[EVAL_SAMPLE_COUNT]._update_count or self._distributed():
-                count = sums[EVAL_SAMPLE_COUNT].compute()
-                for name, total in sums.items():
-                    if name != EVAL_SAMPLE_COUNT:
-                        self.log(f"{stage}/{name}", total.compute() / count, prog_bar=name == "loss", sync_dist=True)
-            for total in sums.values():
-                total.reset()
-            if self.has_predictor:
-                diagnostics = self.prediction_diagnostics[f"{stage}_metrics"]
-                values = diagnostics.compute()  # synced over ranks: the same decision on every rank
-                if values.pop("num_samples") >= 2:
-                    self.log_dict({f"{stage}/prediction/{k}": v for k, v in values.items()}, sync_dist=True)
-                diagnostics.reset()
-            for case in MISSING_CASES:
-                counter = self.case_counts[f"{stage}_metrics"][case]
-                metrics = self.case_metrics[f"{stage}_metrics"][case]
-                count = counter.compute()  # synced over ranks: the same decision on every rank
-
-                counter.reset()
-                if count > 0:
-                    values = metrics.compute()
-                    values[f"{stage}/{case}/num_samples"] = count.float()
-                    self.log_dict(values, sync_dist=True)
-                metrics.reset()
+            values = diagnostics.compute()  # synced over ranks: the same decision on every rank
+        if values.pop("num_samples") >= 2:
+            self.log_dict({f"{stage}/prediction/{k}": v for k, v in values.items()}, sync_dist=True)
+        diagnostics.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")
@@ -707,78 +532,25 @@ class UnipairSystem(LightningModule):
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
         hp = self.hparams
-        head_lr = hp.head_lr if hp.head_lr is not None else hp.lr
-        head_prefixes = ("head.", "missing_fill.", "image_to_text.", "text_to_image.",
-                         "image_encoder.readonly_tokens.", "text_encoder.readonly_tokens.")
-        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            part = "head" if name.startswith(head_prefixes) else "encoder"
-            decay = param.ndim >= 2  # no weight decay on biases and norm weights
-            groups.setdefault((part, decay), []).append(param)
-        return [
-            {"params": params, "lr": head_lr if part == "head" else hp.lr,
-             "weight_decay": hp.weight_decay if decay else 0.0, "name": f"{part}{'' if decay else '_no_decay'}"}
-            for (part, decay), params in sorted(groups.items())
-        ]
+        return parameter_groups(self, hp.lr, hp.head_lr, hp.weight_decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from transformers import (
-            get_constant_schedule_with_warmup,
-            get_cosine_schedule_with_warmup,
-            get_linear_schedule_with_warmup,
-        )
-
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self._parameter_groups(), lr=hp.lr, weight_decay=hp.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = int(hp.warmup_fraction * total_steps)
-        if hp.lr_schedule == "linear":
-            scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-        elif hp.lr_schedule == "cosine":
-            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-        else:
-            scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_adamw(
+            self, hp.lr, hp.head_lr, hp.weight_decay, hp.warmup_fraction, hp.lr_schedule,
+            total_steps=self.trainer.estimated_stepping_batches,
+        )
 
     # ---------------------------------------------------------------------------------- checkpoints
 
     def frozen_state_keys(self) -> set[str]:
         """State-dict keys of the parameters that do not train (rebuilt from the sources on load)."""
-        return {name for name, param in self.named_parameters() if not param.requires_grad}
+        return checkpointing.frozen_state_keys(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = self.frozen_state_keys()
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {key: value for key, value in state.items() if key not in frozen}
-        checkpoint[CHECKPOINT_OMITTED_KEY] = len(state) - len(checkpoint["state_dict"])
+        checkpointing.slim_checkpoint(self, checkpoint)
         checkpoint[CHECKPOINT_SKIPPED_KEY] = self.nonfinite_skipped_batches
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        own = self.state_dict()
-        missing = set(own) - set(state)
-        unexpected = set(state) - set(own)
-        missing_trainable = missing - self.frozen_state_keys()
-        mismatched = {
-            key: (tuple(state[key].shape), tuple(own[key].shape))
-            for key in sorted(set(state) & set(own))
-            if hasattr(state[key], "shape") and tuple(state[key].shape) != tuple(own[key].shape)
-        }
-        if unexpected or missing_trainable or mismatched:
-            saved = checkpoint.get("hyper_parameters", {})
-            differences = {
-                key: (saved.get(key), value) for key, value in self.hparams.items() if saved.get(key) != value
-            }
-            raise RuntimeError(
-                "checkpoint does not match this UnipairSystem configuration: "
-                f"{len(missing_trainable)} trainable/buffer keys missing (e.g. {sorted(missing_trainable)[:5]}), "
-                f"{len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:5]}), "
-                f"{len(mismatched)} with other shapes (checkpoint, current; e.g. {dict(list(mismatched.items())[:3])}). "
-                f"Hyperparameters that differ (checkpoint, current): {differences}"
-            )
-        # Frozen weights are not stored: take them from the freshly built backbones.
-        for key in missing:
-            state[key] = own[key]
+        checkpointing.restore_frozen_weights(self, checkpoint)
         self.nonfinite_skipped_batches = int(checkpoint.get(CHECKPOINT_SKIPPED_KEY, 0))

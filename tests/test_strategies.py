@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lightning_modules import fusion
 from lightning_modules.strategies import (
@@ -37,3 +38,31 @@ def test_learned_vectors_under_complete_training_are_warned_about():
     assert untrained_stand_in_warning(get_strategy("learned"), 0.7) is None
     assert untrained_stand_in_warning(get_strategy("learned"), None) is None  # unknown rate: no claim
     assert all(untrained_stand_in_warning(get_strategy(n), 0.0) is None for n in ("predict", "zero", "dummy_input"))
+
+
+@pytest.mark.parametrize("train_rate", [0.0, 0.5])
+def test_complete_training_warns_that_learned_vectors_stay_untrained(tmp_path, train_rate):
+    import warnings
+
+    from lightning.pytorch import Trainer
+
+    from datamodules import HatefulMemesDataModule
+    from tests.fixtures_data import make_hateful_memes
+    from tests.method_fixtures import tiny_system
+
+    data = HatefulMemesDataModule(
+        root=str(make_hateful_memes(tmp_path)), image_encoder="test_vit", text_encoder="tiny-bert", image_size=32,
+        batch_size=8, num_workers=0, missing_table_dir=str(tmp_path / "tables"),
+        train_missing={"missing_rate": train_rate, "missing_type": "both"},
+    )
+    model = tiny_system(task="binary", num_classes=2, missing_strategy="learned", predictor_length=0)
+    before = model.missing_fill.missing_image.detach().clone()
+    trainer = Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=data)
+    warned = any("never receive a gradient" in str(w.message) for w in caught)
+    assert warned == (train_rate == 0.0)
+    # The claim itself: under complete training the vector does not move.
+    assert torch.equal(model.missing_fill.missing_image, before) == (train_rate == 0.0)
