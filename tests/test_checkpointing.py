@@ -116,3 +116,14 @@ def test_configuration_mismatch_names_the_differing_hyperparameters():
     checkpoint = _saved(tiny_system(head_hidden_dim=16))
     with pytest.raises(CheckpointMismatchError, match=r"other shapes.*'head_hidden_dim': \(16, 24\)"):
         restore_frozen_weights(tiny_system(head_hidden_dim=24), checkpoint)
+
+
+def test_system_hooks_store_and_verify_the_digests(monkeypatch):
+    monkeypatch.delenv(ACCEPT_CHANGE_ENV, raising=False)
+    model = tiny_system()
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    assert set(checkpoint[CHECKPOINT_DIGEST_KEY]) == {"image_encoder", "text_encoder"}
+    tiny_system().on_load_checkpoint(dict(checkpoint, state_dict=dict(checkpoint["state_dict"])))
+    with pytest.raises(CheckpointMismatchError, match=r"image_encoder \(image_backbone='test_vit'\)"):
+        tiny_system(backbone_init_seed=3).on_load_checkpoint(checkpoint)
