@@ -33,8 +33,10 @@ was expected.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -143,9 +145,24 @@ def _is_text(array_type: pa.DataType) -> bool:
 
 def _objects(values: pa.Array | Sequence) -> np.ndarray:
     """A 1-D object array of Python values (numpy would turn a list of strings into a str array)."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.to_numpy(zero_copy_only=False).astype(object, copy=False)
     out = np.empty(len(values), dtype=object)
-    out[:] = values.to_pylist() if isinstance(values, (pa.Array, pa.ChunkedArray)) else list(values)
+    out[:] = list(values)
     return out
+
+
+@contextlib.contextmanager
+def _without_gc() -> Iterator[None]:
+    """Build millions of small objects without the cyclic collector rescanning them again and again
+    (records hold no reference cycles); it runs as usual afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _relist(lists: pa.Array, values: pa.Array) -> pa.Array:
@@ -322,8 +339,9 @@ class ManifestDataModule(MissingModalityDataModule):
         self._parse_fit_splits(first)
         self._set_classes(self._parsed["train"], task, classes)
         # The resolved classes and task become the hyperparameters (initial ones too: the logger
-        # compares them with the model's task), so the checkpoint holds the class list.
-        self.save_hyperparameters({**self.hparams, "classes": list(self.label_names), "task": self.task})
+        # compares them with the model's task), so the checkpoint holds the class list. ``root`` is
+        # derived, not an argument: without it the hyperparameters rebuild this DataModule.
+        self.save_hyperparameters({"classes": list(self.label_names), "task": self.task}, ignore=["root"])
 
     # --------------------------------------------------------------------------- parsing a file
 
@@ -493,7 +511,7 @@ class ManifestDataModule(MissingModalityDataModule):
         return ParsedSplit(
             source=source,
             rows=rows,
-            ids=pc.take(columns["ids"], pa.array(rows)).to_pylist(),
+            ids=_objects(pc.take(columns["ids"], pa.array(rows))).tolist(),
             images=columns["images"][rows],
             texts=columns["texts"][rows],
             labels=None if columns["labels"] is None else pc.take(columns["labels"], pa.array(rows)),
@@ -674,7 +692,10 @@ class ManifestDataModule(MissingModalityDataModule):
         parsed = self._split_parsed(split)
         labels = self._label_indices(split, parsed)
         source = f"{parsed.source.path} column(s) {self.text_columns}"
-        records = list(map(SampleRecord, parsed.ids, parsed.ids, parsed.images, parsed.texts, labels, repeat(source)))
+        with _without_gc():
+            records = list(
+                map(SampleRecord, parsed.ids, parsed.ids, parsed.images, parsed.texts, labels, repeat(source))
+            )
         return records, parsed.reader
 
     def _natural_absence(self, split: str, records: list[SampleRecord]) -> tuple[np.ndarray, np.ndarray]:

@@ -337,6 +337,18 @@ def test_unlabelled_test_file_predicts_but_does_not_test(tmp_path):
         dm.setup("test")
 
 
+def test_hyperparameters_rebuild_the_same_datamodule(tmp_path):
+    # Evaluation rebuilds the DataModule from its hyperparameters (with another test setting).
+    dm = manifest(tmp_path, n_train=30)
+    dm.setup("fit")
+    arguments = {k: v for k, v in dm.hparams.items() if not k.startswith("_")}
+    assert "root" not in arguments and arguments["classes"] == list(CLASSES)
+    again = ManifestDataModule(**{**arguments, "test_missing": {"missing_rate": 0.5}})
+    again.setup("fit")
+    assert (again.task, again.label_names) == (dm.task, dm.label_names)
+    assert again.datasets["val"].ids == dm.datasets["val"].ids
+
+
 def test_checkpoint_state_must_match_the_classes(tmp_path):
     dm = manifest(tmp_path)
     assert dm.state_dict() == {"classes": list(CLASSES), "task": "multiclass"}
