@@ -8,8 +8,11 @@ the strategy and PEFT files are also built into a model with the tiny encoders.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import inspect
+import io
 import math
 import re
 import shlex
@@ -29,25 +32,57 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 # The groups in the documented composition order (configs/README.md): a file may reset a value that
 # a file of an earlier group sets only in the last two groups.
-ORDER = ["data", "model/encoders", "model/strategy", "model/peft", "missing", "trainer", "experiment", "debug"]
+ORDER = [
+    "data",
+    "model/encoders",
+    "model/strategy",
+    "model/peft",
+    "missing",
+    "trainer",
+    "experiment",
+    "debug",
+]
 FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 
 # The concern of each UnipairSystem option, i.e. which group may set it. A new option has to be
 # placed here (test_every_model_option_has_one_concern).
 MODEL_OPTIONS = {
     "model/encoders": {
-        "image_backbone", "text_backbone", "pretrained", "backbone_init_seed", "img_size", "image_pooling",
-        "text_pooling", "prompt_length", "prompt_depth", "predictor_hidden_dim", "head_hidden_dim",
+        "image_backbone",
+        "text_backbone",
+        "pretrained",
+        "backbone_init_seed",
+        "img_size",
+        "image_pooling",
+        "text_pooling",
+        "prompt_length",
+        "prompt_depth",
+        "predictor_hidden_dim",
+        "head_hidden_dim",
     },
     "model/strategy": {
-        "missing_strategy", "predictor_length", "pred_loss_weight", "vicreg_inv_coeff", "vicreg_var_coeff",
-        "vicreg_cov_coeff", "stop_grad_target", "substitution", "readonly_grad", "vicreg_space",
+        "missing_strategy",
+        "predictor_length",
+        "pred_loss_weight",
+        "vicreg_inv_coeff",
+        "vicreg_var_coeff",
+        "vicreg_cov_coeff",
+        "stop_grad_target",
+        "substitution",
+        "readonly_grad",
+        "vicreg_space",
     },
     "model/peft": {"image_peft", "text_peft", "lora_rank", "lora_alpha", "lora_dropout", "lr", "head_lr"},
     # linked from the data (task, num_classes) or set by experiment files and the command line
     "training": {
-        "task", "num_classes", "weight_decay", "warmup_fraction", "lr_schedule", "head_dropout",
-        "multilabel_threshold", "nonfinite_policy",
+        "task",
+        "num_classes",
+        "weight_decay",
+        "warmup_fraction",
+        "lr_schedule",
+        "head_dropout",
+        "multilabel_threshold",
+        "nonfinite_policy",
     },
 }
 # Options that name a file's choice: kept where they equal the default, so that the file says what it
@@ -56,8 +91,15 @@ CHOICE_OPTIONS = {"image_backbone", "text_backbone", "missing_strategy", "image_
 # What makes the method the method or a baseline: never changed by an experiment file.
 EXPERIMENT_FORBIDDEN = CHOICE_OPTIONS | {"pretrained", "predictor_length"}
 TRAINER_HARDWARE = {
-    "accelerator", "devices", "num_nodes", "strategy", "precision", "plugins", "sync_batchnorm",
-    "use_distributed_sampler", "log_every_n_steps",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "plugins",
+    "sync_batchnorm",
+    "use_distributed_sampler",
+    "log_every_n_steps",
 }
 MISSING_OPTIONS = {"train_missing", "val_missing", "test_missing"}
 
@@ -87,7 +129,9 @@ def may_set(group: str, key: str) -> bool:
     if key == "config":  # a nested config file (debug/tiny.yaml includes the tiny encoders)
         return group == "debug"
     if group in MODEL_OPTIONS:
-        return key == "model.class_path" or (key.startswith("model.init_args.") and option in MODEL_OPTIONS[group])
+        return key == "model.class_path" or (
+            key.startswith("model.init_args.") and option in MODEL_OPTIONS[group]
+        )
     if group == "missing":
         return parts[:2] == ["data", "init_args"] and option in MISSING_OPTIONS
     if group == "trainer":
@@ -140,7 +184,8 @@ def _signature_defaults(cls) -> dict[str, object]:
     for klass in reversed(cls.__mro__):
         if "__init__" in vars(klass) and klass is not object:
             defaults.update(
-                (name, p.default) for name, p in inspect.signature(klass.__init__).parameters.items()
+                (name, p.default)
+                for name, p in inspect.signature(klass.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty
             )
     return defaults
@@ -152,15 +197,25 @@ def _same(value, default) -> bool:
 
 def _import(class_path: str):
     module, _, name = class_path.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
+    return getattr(importlib.import_module(module), name)
 
 
 @pytest.fixture(scope="module")
-def cli_defaults(tmp_path_factory) -> dict[str, object]:
+def cli_defaults() -> dict[str, object]:
     """The parser's own defaults of the trainer and the seed (with the CLI's trainer defaults)."""
-    printed = _print_config(["--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-                             "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml")])
-    return {key: value for key, value in flatten(printed).items() if key.split(".")[0] in ("trainer", "seed_everything")}
+    printed = _print_config(
+        [
+            "--config",
+            str(CONFIGS / "data" / "hateful_memes.yaml"),
+            "--config",
+            str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
+        ]
+    )
+    return {
+        key: value
+        for key, value in flatten(printed).items()
+        if key.split(".")[0] in ("trainer", "seed_everything")
+    }
 
 
 def restated_defaults(name: str, cli_defaults: dict[str, object]) -> list[str]:
@@ -177,7 +232,11 @@ def restated_defaults(name: str, cli_defaults: dict[str, object]) -> list[str]:
         if key == "config" or option == "class_path":
             continue
         if option in MISSING_OPTIONS:  # the rate is what a setting is; its other keys only when not default
-            restated += [f"{key}.{k}" for k, v in value.items() if k != "missing_rate" and _same(v, missing_defaults[k])]
+            restated += [
+                f"{key}.{k}"
+                for k, v in value.items()
+                if k != "missing_rate" and _same(v, missing_defaults[k])
+            ]
             continue
         if key.startswith("model.init_args."):
             default = model_defaults.get(option, inspect.Parameter.empty)
@@ -218,9 +277,6 @@ def test_the_default_check_can_fail(cli_defaults, tmp_path, monkeypatch):
 
 def _print_config(args: list[str]) -> dict:
     """``make_cli(args + --print_config, run=False)``: the resolved config, nothing built."""
-    import contextlib
-    import io
-
     out = io.StringIO()
     with patch.object(sys, "argv", ["unipair", *args]), contextlib.redirect_stdout(out):
         with pytest.raises(SystemExit) as exit_info:
@@ -240,7 +296,11 @@ def test_groups_compose_in_any_order():
     forward = _print_config(_config_args("data/emoji.yaml", *names))["model"]["init_args"]
     backward = _print_config(_config_args("data/emoji.yaml", *reversed(names)))["model"]["init_args"]
     assert forward == backward
-    assert (forward["missing_strategy"], forward["predictor_length"], forward["image_peft"]) == ("zero", 0, "full")
+    assert (forward["missing_strategy"], forward["predictor_length"], forward["image_peft"]) == (
+        "zero",
+        0,
+        "full",
+    )
     assert (forward["image_backbone"], forward["img_size"], forward["lr"]) == ("dinov2-s14", 112, 2e-5)
 
 
@@ -266,7 +326,9 @@ def test_the_documented_commands_are_found():
     assert len(COMMANDS) >= 9  # README: 2, configs/README.md: 3, experiment/: 4
 
 
-@pytest.mark.parametrize("source, args", COMMANDS, ids=[f"{source}:{i}" for i, (source, _) in enumerate(COMMANDS)])
+@pytest.mark.parametrize(
+    "source, args", COMMANDS, ids=[f"{source}:{i}" for i, (source, _) in enumerate(COMMANDS)]
+)
 def test_documented_command_parses(source, args):
     paths = [args[i + 1] for i, arg in enumerate(args) if arg == "--config"]
     missing = [path for path in paths if not (REPO / path).is_file()]
@@ -274,22 +336,26 @@ def test_documented_command_parses(source, args):
     printed = flatten(_print_config([str(REPO / arg) if arg in paths else arg for arg in args]))
     on_command_line = {arg[2:] for arg in args if arg.startswith("--") and arg != "--config"}
     for position, path in enumerate(paths):  # each file's values reach the resolved config, unless overridden
-        later = {key for p in paths[position + 1:] for key in load(Path(p).relative_to("configs").as_posix())}
+        later = {
+            key for p in paths[position + 1 :] for key in load(Path(p).relative_to("configs").as_posix())
+        }
         for key, value in load(Path(path).relative_to("configs").as_posix()).items():
             if key in later or key.replace(".init_args.", ".") in on_command_line or key == "config":
                 continue
             resolved = printed.get(key)
             if key.rsplit(".", 1)[-1] in MISSING_OPTIONS:
-                value, resolved = MissingSetting.from_config(value, key), MissingSetting.from_config(resolved, key)
+                value, resolved = (
+                    MissingSetting.from_config(value, key),
+                    MissingSetting.from_config(resolved, key),
+                )
             assert resolved == value, f"{source}: {path} sets {key}: {value!r}, resolved {resolved!r}"
 
 
-BUILDS = [  # every strategy and PEFT file, each with one of the missing files, built with the tiny encoders
-    (name, missing)
-    for name, missing in zip(
-        [n for n in FILES if group_of(n) in ("model/strategy", "model/peft")],
-        [n for n in FILES if group_of(n) == "missing"] * 2,
-    )
+# Every strategy and PEFT file, each with one of the missing files, built with the tiny encoders.
+_MISSING_FILES = [n for n in FILES if group_of(n) == "missing"]
+BUILDS = [
+    (name, _MISSING_FILES[i % len(_MISSING_FILES)])
+    for i, name in enumerate(n for n in FILES if group_of(n) in ("model/strategy", "model/peft"))
 ]
 
 
@@ -298,8 +364,12 @@ def test_strategy_and_peft_files_build_the_model(name, missing, tmp_path):
     root = make_hateful_memes(tmp_path)
     args = [
         *_config_args("data/hateful_memes.yaml", "debug/tiny.yaml", name, missing),
-        "--data.root", str(root), "--data.missing_table_dir", str(tmp_path / "tables"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--data.root",
+        str(root),
+        "--data.missing_table_dir",
+        str(tmp_path / "tables"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
     ]
     with patch.object(sys, "argv", ["unipair", *args]):
         built = cli.make_cli(args, run=False)
@@ -319,10 +389,16 @@ def test_strategy_and_peft_files_build_the_model(name, missing, tmp_path):
 def test_debug_overfit_drives_the_training_loss_down(tmp_path):
     root = make_hateful_memes(tmp_path)
     args = [
-        "fit", *_config_args("data/hateful_memes.yaml", "debug/tiny.yaml", "model/strategy/zero.yaml",
-                             "debug/overfit.yaml"),
-        "--data.root", str(root), "--data.missing_table_dir", str(tmp_path / "tables"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "fit",
+        *_config_args(
+            "data/hateful_memes.yaml", "debug/tiny.yaml", "model/strategy/zero.yaml", "debug/overfit.yaml"
+        ),
+        "--data.root",
+        str(root),
+        "--data.missing_table_dir",
+        str(tmp_path / "tables"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
     ]
     with patch.object(sys, "argv", ["unipair", *args]):
         fitted = cli.make_cli(args)
