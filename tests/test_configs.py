@@ -334,7 +334,7 @@ def test_documented_command_parses(source, args):
     missing = [path for path in paths if not (REPO / path).is_file()]
     assert not missing, f"{source} documents a command with config files that do not exist: {missing}"
     printed = flatten(_print_config([str(REPO / arg) if arg in paths else arg for arg in args]))
-    on_command_line = {arg[2:] for arg in args if arg.startswith("--") and arg != "--config"}
+    on_command_line = {arg[2:].replace(".init_args.", ".") for arg in args if arg.startswith("--")}
     for position, path in enumerate(paths):  # each file's values reach the resolved config, unless overridden
         later = {
             key for p in paths[position + 1 :] for key in load(Path(p).relative_to("configs").as_posix())
