@@ -9,8 +9,9 @@ ten no text (naturally missing), labels cycle over 50 class names, and a validat
 train (stratified). Measured:
 
 - ``index_s`` (wall) and ``index_cpu_s`` (this process's CPU time: on a busy shared machine the
-  wall time includes waiting for a core): construction (read the file with pyarrow, parse every column, infer the classes,
-  carve validation) plus the sample records of train and val, i.e. what the manifest adds;
+  wall time includes waiting for a core): construction (read the file with pyarrow, parse every
+  column, infer the classes, carve validation) plus the sample records of train and val, i.e. what
+  the manifest adds;
 - ``setup_s`` (with ``--setup``): the base DataModule's ``setup("fit")`` on top (index-time checks,
   missing tables, tokenisation of every text with the tiny-bert / MiniLM tokenizer);
 - ``peak_rss_mib``: the process's peak resident set (``ru_maxrss``), ``baseline_rss_mib`` its
@@ -84,8 +85,13 @@ def child(path: str, setup: bool) -> dict:
     baseline = current_rss_mib()
     start, cpu = time.perf_counter(), time.process_time()
     dm = ManifestDataModule(
-        train_file=path, id_column="id", image_encoder="test_vit", text_encoder="tiny-bert", image_size=32,
-        max_text_len=32, missing_table_dir=str(Path(path).parent / "tables"),
+        train_file=path,
+        id_column="id",
+        image_encoder="test_vit",
+        text_encoder="tiny-bert",
+        image_size=32,
+        max_text_len=32,
+        missing_table_dir=str(Path(path).parent / "tables"),
     )
     records = {split: dm._read_split(split)[0] for split in ("train", "val")}
     index_s, index_cpu_s = time.perf_counter() - start, time.process_time() - cpu
@@ -115,8 +121,12 @@ def child(path: str, setup: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--formats", nargs="+", default=["csv", "parquet"], choices=["csv", "jsonl", "parquet"])
-    parser.add_argument("--setup", action="store_true", help="also time the base setup (checks, tokenisation)")
+    parser.add_argument(
+        "--formats", nargs="+", default=["csv", "parquet"], choices=["csv", "jsonl", "parquet"]
+    )
+    parser.add_argument(
+        "--setup", action="store_true", help="also time the base setup (checks, tokenisation)"
+    )
     parser.add_argument("--work", default="runs/manifest_index", help="where the synthetic manifests go")
     parser.add_argument("--out", default="runs/manifest_index", help="where the results go")
     parser.add_argument("--child", nargs=2, metavar=("PATH", "SETUP"), help=argparse.SUPPRESS)
@@ -133,17 +143,26 @@ def main() -> None:
             path = folder / f"manifest_{rows}.{fmt}"
             if not path.exists():
                 write_manifest(folder, rows, fmt)
-            command = [sys.executable, "-m", "benchmarks.manifest_index", "--child", str(path),
-                       "1" if args.setup else "0"]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.manifest_index",
+                "--child",
+                str(path),
+                "1" if args.setup else "0",
+            ]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
-            result = {"format": fmt, "file_mib": round(path.stat().st_size / 2**20, 1),
-                      **json.loads(done.stdout.strip().splitlines()[-1])}
+            result = {
+                "format": fmt,
+                "file_mib": round(path.stat().st_size / 2**20, 1),
+                **json.loads(done.stdout.strip().splitlines()[-1]),
+            }
             print(json.dumps(result), file=sys.stderr)
             results.append(result)
     meta = {
         "command": "python -m benchmarks.manifest_index " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-                   f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -153,13 +172,16 @@ def main() -> None:
         "",
         f"Command: `{meta['command']}` ({meta['date']}, {meta['machine']}, Python {meta['python']}).",
         "",
-        "| rows | format | file MiB | index s (CPU s) | peak RSS MiB | baseline RSS MiB | index increase MiB |"
+        "| rows | format | file MiB | index s (CPU s) | peak RSS MiB | baseline RSS MiB "
+        "| index increase MiB |"
         + (" setup s (CPU s) | peak RSS MiB after setup |" if args.setup else ""),
         "|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.setup else ""),
     ]
     for r in results:
-        line = (f"| {r['rows']:,} | {r['format']} | {r['file_mib']} | {r['index_s']} ({r['index_cpu_s']}) | "
-                f"{r['index_peak_rss_mib']} | {r['baseline_rss_mib']} | {r['index_rss_increase_mib']} |")
+        line = (
+            f"| {r['rows']:,} | {r['format']} | {r['file_mib']} | {r['index_s']} ({r['index_cpu_s']}) | "
+            f"{r['index_peak_rss_mib']} | {r['baseline_rss_mib']} | {r['index_rss_increase_mib']} |"
+        )
         if args.setup:
             line += f" {r['setup_s']} ({r['setup_cpu_s']}) | {r['peak_rss_mib']} |"
         lines.append(line)

@@ -23,6 +23,7 @@ manifest row without a photo): those are missing, never bad inputs, and counted 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import Counter
@@ -70,6 +71,8 @@ from datamodules.transforms import build_image_transform
 
 log = logging.getLogger(__name__)
 
+# Texts per tokenizer call: the tokenizer's per-text objects of one call stay small in memory.
+TOKENIZE_CHUNK = 8192
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
@@ -449,7 +452,8 @@ class MissingModalityDataModule(L.LightningDataModule):
     def _tokenize_split(
         self, split: str, records: list[SampleRecord], text_ok: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids of the usable texts as one flat int32 array and per-record offsets into it."""
+        """Token ids of the usable texts as one flat int32 array and per-record offsets into it
+        (tokenised in chunks of :data:`TOKENIZE_CHUNK` texts)."""
         tokenizer = self.tokenizer
         if self.max_text_len > tokenizer.model_max_length:
             raise ValueError(
@@ -457,7 +461,14 @@ class MissingModalityDataModule(L.LightningDataModule):
                 f"of the {self.text_encoder!r} tokenizer"
             )
         usable = np.flatnonzero(text_ok)
-        encoded, truncated = self._tokenize([records[i].text for i in usable])
+        lengths = np.zeros(len(records), dtype=np.int64)
+        chunks, truncated = [np.zeros(0, np.int32)], []
+        for start in range(0, len(usable), TOKENIZE_CHUNK):
+            rows = usable[start : start + TOKENIZE_CHUNK]
+            encoded, cut = self._tokenize([records[i].text for i in rows])
+            lengths[rows] = [len(t) for t in encoded]
+            chunks.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32))
+            truncated += [start + i for i in cut]
         self.truncated_text_counts[split] = len(truncated)
         if truncated:
             log_rank_zero(
@@ -471,15 +482,7 @@ class MissingModalityDataModule(L.LightningDataModule):
                 self.max_text_len,
                 records[usable[truncated[0]]].id,
             )
-        lengths = np.zeros(len(records), dtype=np.int64)
-        lengths[usable] = [len(t) for t in encoded]
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        flat = (
-            np.concatenate([np.asarray(t, dtype=np.int32) for t in encoded])
-            if encoded
-            else np.zeros(0, np.int32)
-        )
-        return flat, offsets
+        return np.concatenate(chunks), np.concatenate([[0], np.cumsum(lengths)])
 
     def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
         """Token ids of ``texts`` truncated to ``max_text_len``, and the positions of the truncated ones.

@@ -54,8 +54,14 @@ from datamodules.transforms import decode_image
 
 ManifestFormat = Literal["auto", "csv", "jsonl", "parquet"]
 NaturalMissing = Literal["keep", "error"]
-SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
-                  ".pq": "parquet"}
+SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 SPLIT_VALUES = {"train": ("train",), "val": ("val", "valid", "validation", "dev"), "test": ("test",)}
 
 
@@ -74,7 +80,7 @@ class ManifestFile:
     format: str
 
     def row(self, index: int) -> str:
-        """``"<file> line N"`` (CSV, JSONL: the line of data row ``index``) or ``"<file> row N"`` (Parquet)."""
+        """``"<file> line N"`` (CSV, JSONL: the line of data row ``index``), ``"<file> row N"`` (Parquet)."""
         if self.format == "parquet":
             return f"{self.path} row {index}"
         # Only on error: find the line of the index-th non-blank data line (blank lines are skipped).
@@ -140,7 +146,9 @@ def _blank(array: pa.Array) -> np.ndarray:
 
 
 def _is_text(array_type: pa.DataType) -> bool:
-    return pa.types.is_string(array_type) or pa.types.is_large_string(array_type) or pa.types.is_null(array_type)
+    return (
+        pa.types.is_string(array_type) or pa.types.is_large_string(array_type) or pa.types.is_null(array_type)
+    )
 
 
 def _objects(values: pa.Array | Sequence) -> np.ndarray:
@@ -314,7 +322,11 @@ class ManifestDataModule(MissingModalityDataModule):
             )
         if file is not None and (val_file or test_file):
             raise ValueError("ManifestDataModule: give val_file / test_file with train_file, not with file")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        if (
+            isinstance(val_fraction, bool)
+            or not isinstance(val_fraction, (int, float))
+            or not 0 < val_fraction < 1
+        ):
             raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
         if image_column is None and text_column is None:
             raise ValueError("ManifestDataModule: image_column and text_column cannot both be null")
@@ -378,8 +390,10 @@ class ManifestDataModule(MissingModalityDataModule):
                 f"({len(neither)} such row(s))"
             )
         if self.natural_missing == "error":
-            for absent_rows, what in ((image_absent, f"image column {self.image_column!r}"),
-                                      (text_absent, f"text column(s) {self.text_columns}")):
+            for absent_rows, what in (
+                (image_absent, f"image column {self.image_column!r}"),
+                (text_absent, f"text column(s) {self.text_columns}"),
+            ):
                 if absent_rows.any():
                     raise ManifestError(
                         f"{source.row(int(np.flatnonzero(absent_rows)[0]))}: {what} is empty "
@@ -387,8 +401,15 @@ class ManifestDataModule(MissingModalityDataModule):
                         "Set natural_missing: keep to train with naturally missing modalities."
                     )
         labels = self._labels(source, table) if self.label_column in table.column_names else None
-        columns = {"ids": ids, "images": images, "image_absent": image_absent, "texts": texts,
-                   "text_absent": text_absent, "labels": labels, "reader": reader}
+        columns = {
+            "ids": ids,
+            "images": images,
+            "image_absent": image_absent,
+            "texts": texts,
+            "text_absent": text_absent,
+            "labels": labels,
+            "reader": reader,
+        }
         return table, columns
 
     def _ids(self, source: ManifestFile, table: pa.Table) -> pa.Array:
@@ -428,19 +449,24 @@ class ManifestDataModule(MissingModalityDataModule):
         joined = pc.binary_join_element_wise(self._image_base(source), trimmed, "/")
         return pc.if_else(absolute, trimmed, joined)
 
-    def _images(self, source: ManifestFile, table: pa.Table) -> tuple[np.ndarray, np.ndarray, ManifestImageReader]:
+    def _images(
+        self, source: ManifestFile, table: pa.Table
+    ) -> tuple[np.ndarray, np.ndarray, ManifestImageReader]:
         n = table.num_rows
         if self.image_column is None:
             return _objects([None] * n), np.ones(n, dtype=bool), ManifestImageReader()
         column = table.column(self.image_column).combine_chunks()
         if pa.types.is_struct(column.type) and {"bytes", "path"} <= {f.name for f in column.type}:
             data = pc.struct_field(column, "bytes")
-            has_bytes = pc.fill_null(pc.greater(pc.binary_length(data), 0), False).to_numpy(zero_copy_only=False)
+            has_bytes = pc.fill_null(pc.greater(pc.binary_length(data), 0), False).to_numpy(
+                zero_copy_only=False
+            )
             path = pc.struct_field(column, "path")
             absent = ~has_bytes & _blank(path)
             # A row's bytes win over its path; a row with neither has no image.
-            images = _objects(pc.if_else(pa.array(absent), pa.scalar(None, pa.string()),
-                                         self._resolve_paths(source, path)))
+            images = _objects(
+                pc.if_else(pa.array(absent), pa.scalar(None, pa.string()), self._resolve_paths(source, path))
+            )
             images[has_bytes] = np.flatnonzero(has_bytes).tolist()
             return images, absent, ManifestImageReader(str(source.path), self.image_column)
         if not _is_text(column.type):
@@ -449,7 +475,9 @@ class ManifestDataModule(MissingModalityDataModule):
                 "image paths (strings), or in Parquet an image struct {bytes, path}"
             )
         absent = _blank(column)
-        paths = pc.if_else(pa.array(absent), pa.scalar(None, pa.string()), self._resolve_paths(source, column))
+        paths = pc.if_else(
+            pa.array(absent), pa.scalar(None, pa.string()), self._resolve_paths(source, column)
+        )
         return _objects(paths), absent, ManifestImageReader()
 
     def _texts(self, source: ManifestFile, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -461,7 +489,8 @@ class ManifestDataModule(MissingModalityDataModule):
             column = table.column(name).combine_chunks()
             if not _is_text(column.type):
                 raise ManifestError(
-                    f"manifest {source.path}: column {name!r} holds {column.type} values; expected text (strings)"
+                    f"manifest {source.path}: column {name!r} holds {column.type} values; "
+                    "expected text (strings)"
                 )
             parts.append(pc.cast(column, pa.string()))
             blanks.append(_blank(column))
@@ -470,7 +499,9 @@ class ManifestDataModule(MissingModalityDataModule):
         else:
             # Join the non-empty cells of each row: flatten them row-major and rebuild one list per row.
             keep = ~np.stack(blanks, axis=1)  # [n, k]
-            values = pa.concat_arrays([pc.take(p, pa.array(np.flatnonzero(keep[:, j]))) for j, p in enumerate(parts)])
+            values = pa.concat_arrays(
+                [pc.take(p, pa.array(np.flatnonzero(keep[:, j]))) for j, p in enumerate(parts)]
+            )
             row_of = np.concatenate([np.flatnonzero(keep[:, j]) for j in range(len(parts))])
             order = np.argsort(row_of, kind="stable")  # row-major, columns in the given order
             offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
@@ -527,13 +558,12 @@ class ManifestDataModule(MissingModalityDataModule):
         bad = np.flatnonzero(~pc.fill_null(known, False).to_numpy(zero_copy_only=False))
         if len(bad):
             raise ManifestError(
-                f"{source.row(int(bad[0]))}: column {self.split_column!r} is {values[int(bad[0])].as_py()!r}; "
+                f"{source.row(int(bad[0]))}: column {self.split_column!r} is "
+                f"{values[int(bad[0])].as_py()!r}; "
                 f"expected one of {list(names)} ({len(bad)} such row(s))"
             )
         split_of = values.to_numpy(zero_copy_only=False)
-        return {
-            split: np.flatnonzero(np.isin(split_of, aliases)) for split, aliases in SPLIT_VALUES.items()
-        }
+        return {split: np.flatnonzero(np.isin(split_of, aliases)) for split, aliases in SPLIT_VALUES.items()}
 
     def _parse_fit_splits(self, first: ManifestFile) -> None:
         """Parse train (and val when given; carve it from train otherwise) now: the classes are needed
@@ -563,7 +593,9 @@ class ManifestDataModule(MissingModalityDataModule):
         labels are single (every class keeps at least one train row)."""
         n = len(train.ids)
         if n < 2:
-            raise ManifestError(f"manifest {train.source.path}: {n} train row(s); cannot carve a validation split")
+            raise ManifestError(
+                f"manifest {train.source.path}: {n} train row(s); cannot carve a validation split"
+            )
         keys = np.random.default_rng(self.val_seed).random(n)
         labels = train.labels
         if labels is not None and not pa.types.is_list(labels.type):
@@ -600,7 +632,9 @@ class ManifestDataModule(MissingModalityDataModule):
 
     def _set_classes(self, train: ParsedSplit, task: str | None, classes: list[str] | None) -> None:
         if train.labels is None:
-            raise ManifestError(f"manifest {train.source.path}: no column {self.label_column!r} (train needs labels)")
+            raise ManifestError(
+                f"manifest {train.source.path}: no column {self.label_column!r} (train needs labels)"
+            )
         multi = pa.types.is_list(train.labels.type)
         if task is None:
             task = "multilabel" if multi else None
@@ -620,7 +654,9 @@ class ManifestDataModule(MissingModalityDataModule):
         if task is None:
             task = "binary" if len(classes) == 2 else "multiclass"
         if task == "binary" and len(classes) != 2:
-            raise ManifestError(f"task binary needs 2 classes; the train labels have {len(classes)}: {classes[:10]}")
+            raise ManifestError(
+                f"task binary needs 2 classes; the train labels have {len(classes)}: {classes[:10]}"
+            )
         if task != "multilabel" and len(classes) < 2:
             raise ManifestError(
                 f"manifest {train.source.path}: column {self.label_column!r} has {len(classes)} class(es) "
@@ -636,7 +672,9 @@ class ManifestDataModule(MissingModalityDataModule):
         n = len(parsed.ids)
         if labels is None:
             if self._labels_required(split):
-                raise ManifestError(f"manifest {parsed.source.path}: no column {self.label_column!r} ({split} needs labels)")
+                raise ManifestError(
+                    f"manifest {parsed.source.path}: no column {self.label_column!r} ({split} needs labels)"
+                )
             return [None] * n
         multi = pa.types.is_list(labels.type)
         if multi != (self.task == "multilabel"):
@@ -646,15 +684,17 @@ class ManifestDataModule(MissingModalityDataModule):
             )
         values = labels.flatten() if multi else labels
         index = pc.index_in(values, value_set=pa.array(self.label_names))
-        unknown = np.flatnonzero(index.is_null().to_numpy(zero_copy_only=False)
-                                 & values.is_valid().to_numpy(zero_copy_only=False))
+        unknown = np.flatnonzero(
+            index.is_null().to_numpy(zero_copy_only=False) & values.is_valid().to_numpy(zero_copy_only=False)
+        )
         if len(unknown):
             position = int(unknown[0])
             row = int(pc.list_parent_indices(labels)[position].as_py()) if multi else position
             raise ManifestError(
                 f"{parsed.source.row(int(parsed.rows[row]))}: column {self.label_column!r}: label "
-                f"{values[position].as_py()!r} is not one of the {self.num_classes} classes of the train split "
-                f"{self.label_names[:20]}{' ...' if self.num_classes > 20 else ''} ({len(unknown)} unknown label(s))"
+                f"{values[position].as_py()!r} is not one of the {self.num_classes} classes of the train "
+                f"split {self.label_names[:20]}{' ...' if self.num_classes > 20 else ''} "
+                f"({len(unknown)} unknown label(s))"
             )
         missing = labels.is_null().to_numpy(zero_copy_only=False)
         if missing.any() and (self._labels_required(split) or not missing.all()):
@@ -662,7 +702,11 @@ class ManifestDataModule(MissingModalityDataModule):
             raise ManifestError(
                 f"{parsed.source.row(int(parsed.rows[row]))}: column {self.label_column!r} is empty "
                 f"({int(missing.sum())} of {n} rows); {split} rows need a label"
-                + ("" if self._labels_required(split) else " (or a test file with no labels at all, to predict)")
+                + (
+                    ""
+                    if self._labels_required(split)
+                    else " (or a test file with no labels at all, to predict)"
+                )
             )
         if missing.all():
             return [None] * n
@@ -680,10 +724,14 @@ class ManifestDataModule(MissingModalityDataModule):
             if self._single is not None:
                 rows = self._single_rows["test"]
                 if not len(rows):
-                    raise ManifestError(f"manifest {self._single.path}: no row has {self.split_column} = test")
+                    raise ManifestError(
+                        f"manifest {self._single.path}: no row has {self.split_column} = test"
+                    )
                 self._parsed[split] = self._split_of(self._single_parsed, self._single, rows)
             elif self._files[split] is None:
-                raise ValueError(f"ManifestDataModule: no {split}_file given; the {split} split is needed here")
+                raise ValueError(
+                    f"ManifestDataModule: no {split}_file given; the {split} split is needed here"
+                )
             else:
                 self._parsed[split] = self._parse_split_file(split)
         return self._parsed[split]

@@ -33,7 +33,7 @@ def read_text_file(path: str | os.PathLike) -> str:
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ValueError(
             f"{path} line {line}, byte {column}: not valid UTF-8 ({exc.reason}, "
-            f"byte {data[exc.start:exc.start + 1]!r}); "
+            f"byte {data[exc.start : exc.start + 1]!r}); "
             "expected UTF-8 text. Re-encode the file (e.g. `iconv -f latin1 -t utf-8`)."
         ) from exc
 

@@ -74,8 +74,15 @@ def manifest(tmp_path: Path, suffix: str = ".csv", n_train: int = 24, n_test: in
     images = write_images(tmp_path)
     train = write_manifest(tmp_path / f"train{suffix}", rows_for(n_train, images))
     test = write_manifest(tmp_path / f"test{suffix}", rows_for(n_test, images, start=100))
-    args = dict(train_file=str(train), test_file=str(test), id_column="id", image_column="photo",
-                text_column="caption", label_column="tag", **TINY)
+    args = dict(
+        train_file=str(train),
+        test_file=str(test),
+        id_column="id",
+        image_column="photo",
+        text_column="caption",
+        label_column="tag",
+        **TINY,
+    )
     return ManifestDataModule(**{**args, **kwargs})
 
 
@@ -107,20 +114,31 @@ def test_every_format_gives_the_same_samples_and_batches(tmp_path, suffix):
 
 def test_several_text_columns_are_joined_skipping_empty_cells(tmp_path):
     images = write_images(tmp_path)
-    rows = [{"photo": images[0], "title": "red mug", "body": "with a handle", "tag": "a"},
-            {"photo": images[1], "title": "", "body": "no title", "tag": "b"},
-            {"photo": images[2], "title": "", "body": " ", "tag": "a"},
-            {"photo": images[0], "title": "blue", "body": "", "tag": "b"}]
+    rows = [
+        {"photo": images[0], "title": "red mug", "body": "with a handle", "tag": "a"},
+        {"photo": images[1], "title": "", "body": "no title", "tag": "b"},
+        {"photo": images[2], "title": "", "body": " ", "tag": "a"},
+        {"photo": images[0], "title": "blue", "body": "", "tag": "b"},
+    ]
     path = write_manifest(tmp_path / "train.csv", rows * 2)
-    dm = ManifestDataModule(train_file=str(path), image_column="photo", text_column=["title", "body"],
-                            text_separator=". ", label_column="tag", val_fraction=0.25, **TINY)
+    dm = ManifestDataModule(
+        train_file=str(path),
+        image_column="photo",
+        text_column=["title", "body"],
+        text_separator=". ",
+        label_column="tag",
+        val_fraction=0.25,
+        **TINY,
+    )
     dm.setup("fit")
     texts = {}
     tokenizer = dm.tokenizer
     for split in ("train", "val"):
         ds = dm.datasets[split]
         for i, sample_id in enumerate(ds.ids):
-            texts[sample_id] = tokenizer.decode(ds.token_ids(i), skip_special_tokens=True) if ds.text_usable[i] else None
+            texts[sample_id] = (
+                tokenizer.decode(ds.token_ids(i), skip_special_tokens=True) if ds.text_usable[i] else None
+            )
     assert texts["0"] == "red mug. with a handle" and texts["1"] == "no title" and texts["3"] == "blue"
     assert texts["2"] is None  # both cells empty: the text is naturally missing
     assert dm.task == "binary"
@@ -130,9 +148,15 @@ def test_parquet_image_structs_as_hugging_face_datasets_writes_them(tmp_path):
     images = write_images(tmp_path)
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (0, 255, 0)).save(buffer, format="PNG")
-    structs = [{"bytes": buffer.getvalue(), "path": None}, {"bytes": None, "path": images[1]},
-               {"bytes": None, "path": None}, {"bytes": buffer.getvalue(), "path": "ignored.png"}] * 3
-    table = pa.table({"image": structs, "text": [f"t{i}" for i in range(12)], "label": [i % 2 for i in range(12)]})
+    structs = [
+        {"bytes": buffer.getvalue(), "path": None},
+        {"bytes": None, "path": images[1]},
+        {"bytes": None, "path": None},
+        {"bytes": buffer.getvalue(), "path": "ignored.png"},
+    ] * 3
+    table = pa.table(
+        {"image": structs, "text": [f"t{i}" for i in range(12)], "label": [i % 2 for i in range(12)]}
+    )
     pq.write_table(table, tmp_path / "train.parquet")
     dm = ManifestDataModule(train_file=str(tmp_path / "train.parquet"), **TINY)
     dm.setup("fit")
@@ -175,8 +199,13 @@ def test_task_and_classes_are_inferred_from_train(tmp_path, labels, kwargs, task
 
 def test_list_label_column_is_multilabel(tmp_path):
     images = write_images(tmp_path)
-    table = pa.table({"image": [images[i % 3] for i in range(8)], "text": [f"t{i}" for i in range(8)],
-                      "label": [["drama", "comedy"], ["comedy"], [], ["war"]] * 2})
+    table = pa.table(
+        {
+            "image": [images[i % 3] for i in range(8)],
+            "text": [f"t{i}" for i in range(8)],
+            "label": [["drama", "comedy"], ["comedy"], [], ["war"]] * 2,
+        }
+    )
     pq.write_table(table, tmp_path / "train.parquet")
     dm = ManifestDataModule(train_file=str(tmp_path / "train.parquet"), val_fraction=0.25, **TINY)
     assert (dm.task, dm.label_names) == ("multilabel", ["comedy", "drama", "war"])
@@ -199,11 +228,17 @@ def test_a_row_with_neither_modality_is_an_error_naming_the_line(tmp_path):
     rows[3]["photo"], rows[3]["caption"] = "", ""
     path = write_manifest(tmp_path / "train.csv", rows)
     with pytest.raises(ManifestError, match=r"train.csv line 5: both the image \('photo'\) and the text"):
-        ManifestDataModule(train_file=str(path), image_column="photo", text_column="caption", label_column="tag")
+        ManifestDataModule(
+            train_file=str(path), image_column="photo", text_column="caption", label_column="tag"
+        )
 
 
 def test_simulated_missing_applies_on_top_and_never_leaves_neither(tmp_path):
-    dm = manifest(tmp_path, test_missing={"missing_rate": 1.0, "missing_type": "image"}, missing_table_dir=str(tmp_path / "t"))
+    dm = manifest(
+        tmp_path,
+        test_missing={"missing_rate": 1.0, "missing_type": "image"},
+        missing_table_dir=str(tmp_path / "t"),
+    )
     dm.setup("test")
     ds = dm.datasets["test"]
     assert not ds.image_present[ds.text_usable].any()  # every image the table drops is dropped
@@ -232,8 +267,9 @@ def test_an_unreadable_image_fails_at_load_naming_the_file(tmp_path):
     images = write_images(tmp_path)
     (tmp_path / "img" / "0.png").write_bytes(b"not a png")
     path = write_manifest(tmp_path / "train.csv", rows_for(12, images))
-    dm = ManifestDataModule(train_file=str(path), image_column="photo", text_column="caption", label_column="tag",
-                            **TINY)
+    dm = ManifestDataModule(
+        train_file=str(path), image_column="photo", text_column="caption", label_column="tag", **TINY
+    )
     dm.setup("fit")
     ds = dm.datasets["train"]
     index = next(i for i, ref in enumerate(ds.images) if ref and ref.endswith("img/0.png"))
@@ -273,35 +309,56 @@ def test_one_file_with_a_split_column(tmp_path):
     for i, row in enumerate(rows):
         row["split"] = ["train", "train", "train", "Validation", "test", "dev"][i % 6]
     path = write_manifest(tmp_path / "all.parquet", rows)
-    dm = ManifestDataModule(file=str(path), id_column="id", image_column="photo", text_column="caption",
-                            label_column="tag", **TINY)
+    dm = ManifestDataModule(
+        file=str(path),
+        id_column="id",
+        image_column="photo",
+        text_column="caption",
+        label_column="tag",
+        **TINY,
+    )
     dm.setup("fit")
     dm.setup("test")
     assert [len(dm.datasets[s]) for s in ("train", "val", "test")] == [9, 6, 3]
     assert dm.datasets["test"].ids == ["s004", "s010", "s016"]
     rows[4]["split"] = "holdout"
     write_manifest(tmp_path / "bad.parquet", rows)
-    with pytest.raises(ManifestError, match=r"bad.parquet row 4: column 'split' is 'holdout'; expected one of"):
-        ManifestDataModule(file=str(tmp_path / "bad.parquet"), id_column="id", image_column="photo",
-                           text_column="caption", label_column="tag")
+    with pytest.raises(
+        ManifestError, match=r"bad.parquet row 4: column 'split' is 'holdout'; expected one of"
+    ):
+        ManifestDataModule(
+            file=str(tmp_path / "bad.parquet"),
+            id_column="id",
+            image_column="photo",
+            text_column="caption",
+            label_column="tag",
+        )
 
 
 # ------------------------------------------------------------------------------------------ errors
 
 
 def test_missing_column_lists_the_columns_found(tmp_path):
-    with pytest.raises(ManifestError, match=r"no column\(s\) \['picture'\]; the columns found are \['id', 'photo'"):
+    with pytest.raises(
+        ManifestError, match=r"no column\(s\) \['picture'\]; the columns found are \['id', 'photo'"
+    ):
         manifest(tmp_path, image_column="picture")
 
 
 def test_wrong_column_type_names_file_column_and_expected(tmp_path):
     images = write_images(tmp_path)
-    pq.write_table(pa.table({"image": images * 2, "text": [1, 2, 3, 4, 5, 6], "label": ["a", "b"] * 3}),
-                   tmp_path / "train.parquet")
-    with pytest.raises(ManifestError, match=r"train.parquet: column 'text' holds int64 values; expected text"):
+    pq.write_table(
+        pa.table({"image": images * 2, "text": [1, 2, 3, 4, 5, 6], "label": ["a", "b"] * 3}),
+        tmp_path / "train.parquet",
+    )
+    with pytest.raises(
+        ManifestError, match=r"train.parquet: column 'text' holds int64 values; expected text"
+    ):
         ManifestDataModule(train_file=str(tmp_path / "train.parquet"))
-    (tmp_path / "mixed.jsonl").write_text('{"image": "img/0.png", "text": "ok", "label": "a"}\n'
-                                          '{"image": "img/1.png", "text": 5, "label": "b"}\n')
+    (tmp_path / "mixed.jsonl").write_text(
+        '{"image": "img/0.png", "text": "ok", "label": "a"}\n'
+        '{"image": "img/1.png", "text": 5, "label": "b"}\n'
+    )
     with pytest.raises(ManifestError, match=r"mixed.jsonl: cannot be read as JSONL"):
         ManifestDataModule(train_file=str(tmp_path / "mixed.jsonl"))
 
@@ -312,7 +369,9 @@ def test_unknown_test_label_is_an_error_naming_the_row(tmp_path):
     test_rows[2]["tag"] = "bird"
     write_manifest(tmp_path / "odd.jsonl", test_rows)
     dm = manifest(tmp_path, test_file=str(tmp_path / "odd.jsonl"))
-    with pytest.raises(ManifestError, match=r"odd.jsonl line 3: column 'tag': label 'bird' is not one of the 3"):
+    with pytest.raises(
+        ManifestError, match=r"odd.jsonl line 3: column 'tag': label 'bird' is not one of the 3"
+    ):
         dm.setup("test")
 
 
@@ -321,9 +380,16 @@ def test_duplicate_id_names_both_rows(tmp_path):
     rows = rows_for(6, images)
     rows[4]["id"] = rows[1]["id"]
     write_manifest(tmp_path / "train.csv", rows)
-    with pytest.raises(ManifestError, match=r"train.csv line 6: column 'id': id 's001' already used in .*line 3"):
-        ManifestDataModule(train_file=str(tmp_path / "train.csv"), id_column="id", image_column="photo",
-                           text_column="caption", label_column="tag")
+    with pytest.raises(
+        ManifestError, match=r"train.csv line 6: column 'id': id 's001' already used in .*line 3"
+    ):
+        ManifestDataModule(
+            train_file=str(tmp_path / "train.csv"),
+            id_column="id",
+            image_column="photo",
+            text_column="caption",
+            label_column="tag",
+        )
 
 
 def test_unlabelled_test_file_predicts_but_does_not_test(tmp_path):
@@ -378,16 +444,26 @@ def test_fit_test_predict_through_the_cli(tmp_path, capsys):
     write_manifest(tmp_path / "train.csv", rows_for(16, images))
     write_manifest(tmp_path / "test.jsonl", rows_for(4, images, start=100))
     common = [
-        "--config", str(CONFIGS / "data" / "manifest.yaml"),
-        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
-        "--data.init_args.train_file", str(tmp_path / "train.csv"),
-        "--data.init_args.test_file", str(tmp_path / "test.jsonl"),
-        "--data.init_args.id_column", "id",
-        "--data.init_args.image_column", "photo",
-        "--data.init_args.text_column", "caption",
-        "--data.init_args.label_column", "tag",
-        "--data.init_args.missing_table_dir", str(tmp_path / "tables"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--config",
+        str(CONFIGS / "data" / "manifest.yaml"),
+        "--config",
+        str(CONFIGS / "debug" / "tiny.yaml"),
+        "--data.init_args.train_file",
+        str(tmp_path / "train.csv"),
+        "--data.init_args.test_file",
+        str(tmp_path / "test.jsonl"),
+        "--data.init_args.id_column",
+        "id",
+        "--data.init_args.image_column",
+        "photo",
+        "--data.init_args.text_column",
+        "caption",
+        "--data.init_args.label_column",
+        "tag",
+        "--data.init_args.missing_table_dir",
+        str(tmp_path / "tables"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
     ]
     fitted = run_cli(["fit", *common])
     assert (fitted.model.hparams.num_classes, fitted.model.hparams.task) == (3, "multiclass")
@@ -400,10 +476,16 @@ def test_fit_test_predict_through_the_cli(tmp_path, capsys):
     assert "test/accuracy" in tested.trainer.callback_metrics
 
     rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"id": "q", "image": str(tmp_path / images[0]), "text": "a cat"}) + "\n"
-                    + json.dumps({"id": "t", "text": "a fish"}) + "\n")
+    rows.write_text(
+        json.dumps({"id": "q", "image": str(tmp_path / images[0]), "text": "a cat"})
+        + "\n"
+        + json.dumps({"id": "t", "text": "a fish"})
+        + "\n"
+    )
     output = tmp_path / "predictions.jsonl"
-    run_cli(["predict", *common, "--ckpt_path", ckpt, "--predict_file", str(rows), "--output_file", str(output)])
+    run_cli(
+        ["predict", *common, "--ckpt_path", ckpt, "--predict_file", str(rows), "--output_file", str(output)]
+    )
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["id"] for r in records] == ["q", "t"]
     assert all(set(r["scores"]) == set(CLASSES) and r["labels"][0] in CLASSES for r in records)
