@@ -130,7 +130,7 @@ def test_checkpoint_of_another_dataset_is_one_message(tmp_path, memes, capsys):
     (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
     food = make_food101(tmp_path)
     message = _exit(["test", *_args(tmp_path, food, data="datamodules.food101.Food101DataModule"), "--ckpt_path", str(ckpt)], capsys)
-    assert "checkpoint does not match this UnipairSystem configuration" in message and "'num_classes': (2, 3)" in message
+    assert "checkpoint does not match this UnipairSystem configuration" in message and "'num_classes': (2, 101)" in message
 
 
 # ---------------------------------------------------------------------------------- predict input
