@@ -18,7 +18,15 @@ read-only predictor and the ``predict`` strategy, on synthetic batches of the de
   forward + backward; one inference forward), the achieved FLOP/s and its fraction of the dense
   matmul rate measured between the timing rounds (median);
 - the read-only predictor's overhead: ``prompt`` with ``predictor_length=0`` (``zero`` strategy, no
-  VICReg) against the default.
+  VICReg) against the default, for both ``readonly_grad`` values (``through``, ``detach``);
+- the prompt / full training-step time ratio, against the target of 0.67;
+- a profile split of one training step per configuration by operator category (``torch.profiler``):
+  attention, matmul, elementwise / normalisation, optimizer, other; on CPU the operators' self CPU
+  time plus the host time outside any operator, on CUDA the kernel time per category plus idle /
+  launch time (step wall time minus the kernels' time);
+- AdamW implementations (for-loop, foreach, fused) timed side by side on each mode's parameters;
+- with ``--compile-check``: ``torch.compile`` of both encoders against eager (graph breaks from
+  ``torch._dynamo.explain``, compile time, step time, the cost over an epoch of ``--epoch-steps``).
 
 On a GPU everything runs under bf16 autocast. Writes ``<out>/bench.json`` (``bench_paper.json``
 with ``--paper``) with a header (date, machine, command) and prints a Markdown table (also written
@@ -34,12 +42,15 @@ Usage::
     python benchmarks/bench.py                      # demo encoders, CPU: batch 8, 112 px, 16 tokens
     python benchmarks/bench.py --paper
     python benchmarks/bench.py --random-init --device cuda --batch-size 64 --text-len 32
+    TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/bench.py --threads 1 --compile-check
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -53,6 +64,14 @@ import torch  # noqa: E402
 
 PEFT_MODES = ("prompt", "bitfit", "lora", "full", "frozen")
 DEFAULT_PREDICTOR_LENGTH = 8
+READONLY_GRADS = ("through", "detach")
+PROMPT_FULL_TARGET = 0.67  # issue 12: prompt / full training-step time on CPU and GPU
+# AdamW implementations; "default" is torch's own choice (foreach on CUDA, the for-loop on CPU).
+ADAMW_IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
+    "default": {}, "forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
+}
+STEP_SCOPE = "bench: train step"  # torch.profiler scopes of the profile split
+OPTIMIZER_SCOPE = "bench: optimizer step"
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0  # BERT-family special ids (MiniLM's and BERT-base's tokenizers)
 WORD_IDS = (1996, 29000)  # range of ordinary word-piece ids in the BERT uncased vocabulary
 
@@ -127,12 +146,28 @@ def build_system(cfg: dict, workdir: Path):
         image_peft=cfg["mode"],
         text_peft=cfg["mode"],
         predictor_length=cfg["predictor_length"],
+        readonly_grad=cfg.get("readonly_grad") or default_readonly_grad(),
         missing_strategy=cfg["strategy"],
         text_pooling=encoders["text_pooling"],
         predictor_hidden_dim=encoders["hidden_dim"],
         head_hidden_dim=encoders["hidden_dim"],
         lr=1e-3,
     )
+
+
+def default_readonly_grad() -> str:
+    """``UnipairSystem``'s default ``readonly_grad`` (the main rows measure what training uses)."""
+    from lightning_modules.system import UnipairSystem
+
+    return inspect.signature(UnipairSystem.__init__).parameters["readonly_grad"].default
+
+
+def build_adamw(system, implementation: str = "default") -> torch.optim.AdamW:
+    """AdamW over the system's parameter groups (``lightning_modules.optim``) with one implementation."""
+    from lightning_modules.optim import parameter_groups
+
+    groups = parameter_groups(system, lr=1e-3)
+    return torch.optim.AdamW(groups, lr=1e-3, **ADAMW_IMPLEMENTATIONS[implementation])
 
 
 def _rss_mb() -> float:
@@ -162,15 +197,17 @@ class Workload:
         self.batch = synthetic_batch(cfg["batch_size"], cfg["image_size"], cfg["text_len"], self.device)
         # The optimiser the system configures (AdamW over its parameter groups); the LR schedule is
         # irrelevant to speed and needs a Trainer, so it is left out.
-        self.optimizer = torch.optim.AdamW(self.system._parameter_groups(), lr=1e-3)
+        self.optimizer = build_adamw(self.system, cfg.get("adamw", "default"))
 
-    def train_step(self) -> None:
+    def train_step(self, batch: dict | None = None) -> None:
         self.system.train()
         with self.autocast():
-            losses, _ = self.system.compute_losses(self.batch)
+            losses, _ = self.system.compute_losses(self.batch if batch is None else batch)
         losses["loss"].backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Named so that the profile split can attribute the optimiser's operators (and its Python).
+        with torch.profiler.record_function(OPTIMIZER_SCOPE):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     def infer_step(self) -> None:
         self.system.eval()
@@ -204,6 +241,7 @@ def measure_static(cfg: dict) -> dict:
     row = {
         "mode": cfg["mode"],
         "predictor_length": cfg["predictor_length"],
+        "readonly_grad": cfg["readonly_grad"],
         "strategy": cfg["strategy"],
         "trainable_params": trainable,
         "total_params": total,
@@ -223,16 +261,124 @@ def measure_static(cfg: dict) -> dict:
     return row
 
 
-def measure_times(cfgs: list[dict], warmup: int, steps: int, infer_steps: int) -> list[dict]:
+# --------------------------------------------------------------------------------- profile split
+
+
+PROFILE_CATEGORIES = ("attention", "matmul", "elementwise_norm", "optimizer", "other")
+# Operator names after _op_key (aten::native_layer_norm -> layernorm, AddmmBackward0 -> addmm, ...).
+MATMUL_OPS = frozenset({
+    "mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "addmv", "mv", "dot", "convolution", "conv2d",
+    "mkldnnconvolution", "cudnnconvolution", "mkldnnlinear", "scaledmm",
+})
+ELEMENTWISE_OPS = frozenset({
+    "add", "sub", "rsub", "mul", "div", "lerp", "addcmul", "addcdiv", "sqrt", "rsqrt", "pow", "exp", "log",
+    "log1p", "neg", "abs", "reciprocal", "sign", "square", "gelu", "relu", "silu", "tanh", "sigmoid",
+    "threshold", "erf", "hardtanh", "layernorm", "groupnorm", "batchnorm", "softmax", "logsoftmax", "dropout",
+    "bernoulli", "where", "clamp", "clampmin", "clampmax", "maximum", "minimum", "max", "min", "sum", "mean",
+    "var", "std", "varmean", "norm", "linalgvectornorm", "mseloss", "nllloss", "crossentropyloss",
+    "binarycrossentropywithlogits", "fill", "zero", "maskedfill", "lt", "gt", "le", "ge", "eq", "ne",
+    "logicaland", "logicalor", "logicalnot", "cumsum",
+})
+
+
+def _op_key(name: str) -> str:
+    """The base operator of a profiler event's name, for the category tables.
+
+    ``aten::native_layer_norm_backward`` -> ``layernorm``,
+    ``autograd::engine::evaluate_function: AddmmBackward0`` -> ``addmm``.
+    """
+    name = name.rsplit(": ", 1)[-1].rsplit("::", 1)[-1]
+    name = re.sub(r"Backward\d*$", "", name).lower().replace("_", "")
+    name = re.sub(r"backward(data)?$", "", name)
+    for prefix in ("foreach", "native", "fused"):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def op_category(event: Any) -> str:
+    """The category of a profiler event, from its own name and its enclosing events' names.
+
+    The optimizer and attention scopes take everything inside them (the math fallback of attention
+    is matmuls and a softmax, still attention); otherwise the innermost matmul or elementwise name
+    decides, so ``aten::empty`` inside a layer norm is normalisation and ``aten::t`` inside
+    ``aten::linear`` is matmul.
+    """
+    chain = []
+    while event is not None:
+        chain.append(event.name)
+        event = event.cpu_parent
+    if any(n == OPTIMIZER_SCOPE or n.startswith(("Optimizer.step#", "Optimizer.zero_grad#")) for n in chain):
+        return "optimizer"
+    if any("attention" in n.lower() for n in chain):
+        return "attention"
+    for name in chain:
+        key = _op_key(name)
+        if key in MATMUL_OPS:
+            return "matmul"
+        if key in ELEMENTWISE_OPS:
+            return "elementwise_norm"
+    return "other"
+
+
+def split_events(events: list, step_wall_s: float, device_time: bool) -> dict:
+    """Seconds of one profiled training step per category (see :func:`op_category`).
+
+    CPU (``device_time`` False): each operator's self CPU time; the self time of the step's own scope
+    (Python between operators) is ``outside_operators``, so the parts add up to the step. CUDA: each
+    operator's self device time (the kernels it launched), and ``idle_launch`` = wall time minus all
+    kernel time (the device waiting for the host).
+    """
+    from torch.autograd import DeviceType
+
+    seconds = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    outside = 0.0
+    for event in events:
+        if event.device_type != DeviceType.CPU:
+            continue  # device-side records of kernels: counted through the operator that launched them
+        if device_time:
+            seconds[op_category(event)] += event.self_device_time_total / 1e6
+        elif event.name == STEP_SCOPE and event.cpu_parent is None:
+            outside += event.self_cpu_time_total / 1e6
+        else:
+            seconds[op_category(event)] += event.self_cpu_time_total / 1e6
+    if device_time:
+        seconds["idle_launch"] = step_wall_s - sum(seconds.values())
+    else:
+        seconds["outside_operators"] = outside
+    split = {"clock": "cuda_kernel_time" if device_time else "cpu_self_time", "step_wall_s": step_wall_s,
+             "seconds": seconds}
+    split["total_s"] = sum(seconds.values())
+    split["fractions"] = {k: v / split["total_s"] for k, v in seconds.items()} if split["total_s"] > 0 else {}
+    return split
+
+
+def profile_split(work: Workload) -> dict:
+    """Profile one training step of ``work`` and split it by operator category."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    device = work.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def step() -> None:
+        with record_function(STEP_SCOPE):
+            work.train_step()
+
+    with profile(activities=activities) as prof:
+        wall = common.timed(step, device)
+    return split_events(list(prof.events()), wall, device_time=device.type == "cuda")
+
+
+def measure_times(
+    works: list[Workload], warmup: int, steps: int, infer_steps: int, profile: bool = True
+) -> list[dict]:
     """Training-step and inference times of all configurations, interleaved in one process.
 
     Round-robin (one step of each configuration per round) so that every configuration sees the
     same machine load, which matters on a shared CPU. Wall time and process CPU time are recorded;
-    the dense matmul rate is measured between rounds and its median reported.
+    the dense matmul rate is measured between rounds and its median reported. With ``profile``,
+    one more training step of each is profiled and split by operator category.
     """
-    device = common.resolve_device(cfgs[0]["device"])
-    with tempfile.TemporaryDirectory(prefix="unipair-bench-") as workdir:
-        works = [Workload(cfg, Path(workdir)) for cfg in cfgs]
+    device = works[0].device
     rates = [common.matmul_rate(device, seconds=0.5)["flops_per_s"]]
     for _ in range(warmup):
         for work in works:
@@ -264,10 +410,116 @@ def measure_times(cfgs: list[dict], warmup: int, steps: int, infer_steps: int) -
             "infer_batch_s_all": infer[i],
             "infer_samples_per_s": b / infer_s,
         })
+        if profile:
+            out[-1]["profile"] = profile_split(work)
     rate = common.median(rates)
     for row in out:
         row["matmul_flops_per_s"] = rate
     return out
+
+
+def compare_adamw(
+    work: Workload, rounds: int, implementations: tuple[str, ...] = ("forloop", "foreach", "fused")
+) -> dict:
+    """``optimizer.step()`` seconds of each AdamW implementation over ``work``'s parameters, interleaved.
+
+    Fixed random gradients; every implementation steps the same parameters in turn (their values
+    do not matter for speed). An implementation the device does not support is reported as such.
+    """
+    params = [p for p in work.system.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = (1e-3 * torch.randn(p.shape, generator=generator)).to(p.device, p.dtype)
+    optimizers, unsupported = {}, {}
+    for name in implementations:
+        try:
+            optimizers[name] = build_adamw(work.system, name)
+            optimizers[name].step()  # creates the state; also where an unsupported device fails
+        except (RuntimeError, ValueError) as error:
+            unsupported[name] = str(error).splitlines()[0][:200]
+            optimizers.pop(name, None)
+    wall = {name: [] for name in optimizers}
+    cpu = {name: [] for name in optimizers}
+    for _ in range(rounds):
+        for name, optimizer in optimizers.items():
+            start = time.process_time()
+            wall[name].append(common.timed(optimizer.step, work.device))
+            cpu[name].append(time.process_time() - start)
+    for p in params:
+        p.grad = None
+    result = {
+        "mode": work.cfg["mode"],
+        "trainable_params": sum(p.numel() for p in params),
+        "step_s": {name: common.median(v) for name, v in wall.items()},
+        "step_cpu_s": {name: common.median(v) for name, v in cpu.items()},
+        "step_s_all": wall,
+        "unsupported": unsupported,
+    }
+    if result["step_s"]:
+        result["fastest"] = min(result["step_cpu_s"], key=result["step_cpu_s"].get)
+    return result
+
+
+def _explain(module, *inputs) -> dict:
+    explanation = torch._dynamo.explain(module)(*inputs)
+    return {
+        "graphs": explanation.graph_count,
+        "graph_breaks": explanation.graph_break_count,
+        "break_reasons": [str(r.reason).splitlines()[0][:200] for r in explanation.break_reasons],
+    }
+
+
+def measure_compile(
+    cfg: dict, workdir: Path, steps: int, epoch_steps: int, backend: str = "inductor"
+) -> dict:
+    """``torch.compile`` of both encoders' forward against eager, same configuration, interleaved.
+
+    Graph breaks come from ``torch._dynamo.explain`` on each encoder (training mode). The compile
+    time is the first compiled training step minus the compiled steps' median; a batch with a new
+    text length then shows the recompilation the varying padded lengths of real batches cause.
+    Inference is not compiled here (eval and inference mode would compile their own graphs).
+    ``backend`` is torch.compile's (``eager`` traces without generating code: for tests).
+    """
+    eager, compiled = Workload(cfg, workdir), Workload(cfg, workdir)
+    system, batch = compiled.system.train(), compiled.batch
+    explain = {
+        "image_encoder": _explain(system.image_encoder, batch["image"]),
+        "text_encoder": _explain(system.text_encoder, batch["input_ids"], batch["attention_mask"]),
+    }
+    torch._dynamo.reset()  # explain's traces must not stand in for the compiled ones
+    system.image_encoder.compile(backend=backend)
+    system.text_encoder.compile(backend=backend)
+    device = compiled.device
+    eager.train_step()
+    first = common.timed(compiled.train_step, device)
+    eager_s, compiled_s = [], []
+    for _ in range(steps):
+        eager_s.append(common.timed(eager.train_step, device))
+        compiled_s.append(common.timed(compiled.train_step, device))
+    other_length = synthetic_batch(cfg["batch_size"], cfg["image_size"], cfg["text_len"] + 3, device, seed=1)
+    new_length = common.timed(lambda: compiled.train_step(other_length), device)
+    eager_median, compiled_median = common.median(eager_s), common.median(compiled_s)
+    compile_s = first - compiled_median
+    result = {
+        "mode": cfg["mode"],
+        "backend": backend,
+        "explain": explain,
+        "first_compiled_step_s": first,
+        "compile_s": compile_s,
+        "eager_step_s": eager_median,
+        "compiled_step_s": compiled_median,
+        "eager_step_s_all": eager_s,
+        "compiled_step_s_all": compiled_s,
+        "compiled_vs_eager_step_ratio": compiled_median / eager_median,
+        "new_text_length_step_s": new_length,
+        "recompile_s": new_length - compiled_median,
+        "epoch_steps": epoch_steps,
+        "epoch_ratio_with_compile":
+            (compile_s + epoch_steps * compiled_median) / (epoch_steps * eager_median),
+    }
+    saved = eager_median - compiled_median
+    result["break_even_steps"] = compile_s / saved if saved > 0 else None
+    return result
 
 
 def finish_row(static: dict, times: dict) -> dict:
@@ -304,14 +556,29 @@ def configurations(args: argparse.Namespace) -> list[dict]:
         "infer_steps": args.infer_steps,
         "device": args.device,
         "threads": args.threads,
+        "adamw": args.adamw,
     }
+    grad = default_readonly_grad()
     configs = [
-        {**common_cfg, "mode": mode, "predictor_length": DEFAULT_PREDICTOR_LENGTH, "strategy": "predict"}
+        {**common_cfg, "mode": mode, "predictor_length": DEFAULT_PREDICTOR_LENGTH, "strategy": "predict",
+         "readonly_grad": grad}
         for mode in args.modes
     ]
     if not args.no_predictor_overhead and "prompt" in args.modes:
-        configs.append({**common_cfg, "mode": "prompt", "predictor_length": 0, "strategy": "zero"})
+        prompt = {**common_cfg, "mode": "prompt", "strategy": "predict"}
+        configs += [
+            {**prompt, "predictor_length": DEFAULT_PREDICTOR_LENGTH, "readonly_grad": other}
+            for other in READONLY_GRADS if other != grad
+        ]
+        # Without read-only tokens readonly_grad changes nothing.
+        configs.append({**prompt, "predictor_length": 0, "strategy": "zero", "readonly_grad": grad})
     return configs
+
+
+def row_label(row: dict) -> str:
+    if row["predictor_length"] == 0:
+        return f"{row['mode']}, no predictor"
+    return f"{row['mode']}, {row['readonly_grad']}"
 
 
 def run_isolated(cfg: dict) -> dict:
@@ -329,30 +596,41 @@ def run_isolated(cfg: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def summarise(rows: list[dict]) -> dict:
-    by_key = {(r["mode"], r["predictor_length"]): r for r in rows}
+def summarise(rows: list[dict], readonly_grad: str) -> dict:
+    """Ratios between rows: prompt / full (and its target), the predictor's overhead per readonly_grad."""
+    by_key = {(r["mode"], r["predictor_length"], r["readonly_grad"]): r for r in rows}
     summary: dict[str, Any] = {}
-    prompt = by_key.get(("prompt", DEFAULT_PREDICTOR_LENGTH))
-    full = by_key.get(("full", DEFAULT_PREDICTOR_LENGTH))
+    prompt = by_key.get(("prompt", DEFAULT_PREDICTOR_LENGTH, readonly_grad))
+    full = by_key.get(("full", DEFAULT_PREDICTOR_LENGTH, readonly_grad))
     if prompt:
         summary["prompt_trainable_fraction"] = prompt["trainable_fraction"]
     if prompt and full:
-        summary["prompt_vs_full_train_step_time_ratio"] = prompt["train_step_s"] / full["train_step_s"]
+        ratio = prompt["train_step_s"] / full["train_step_s"]
+        summary["prompt_vs_full_train_step_time_ratio"] = ratio
         summary["prompt_vs_full_train_step_cpu_time_ratio"] = prompt["train_step_cpu_s"] / full["train_step_cpu_s"]
         # The fastest of the repeated steps is the least disturbed by other load on a shared machine.
         summary["prompt_vs_full_train_step_min_time_ratio"] = prompt["train_step_s_min"] / full["train_step_s_min"]
         summary["prompt_vs_full_train_flops_ratio"] = prompt["train_flops_per_sample"] / full["train_flops_per_sample"]
-    without = by_key.get(("prompt", 0))
-    if prompt and without:
-        summary["predictor_overhead"] = {
-            "train_step_time_ratio": prompt["train_step_s"] / without["train_step_s"],
-            "train_step_min_time_ratio": prompt["train_step_s_min"] / without["train_step_s_min"],
-            "infer_time_ratio": prompt["infer_batch_s"] / without["infer_batch_s"],
-            "train_flops_ratio": prompt["train_flops_per_sample"] / without["train_flops_per_sample"],
-            "extra_image_tokens": prompt["image_tokens"] - without["image_tokens"],
-            "extra_text_tokens": prompt["text_tokens"] - without["text_tokens"],
-            "extra_trainable_params": prompt["trainable_params"] - without["trainable_params"],
+        summary["prompt_vs_full_target"] = PROMPT_FULL_TARGET
+        summary["prompt_vs_full_meets_target"] = ratio <= PROMPT_FULL_TARGET
+    without = next((r for r in rows if r["mode"] == "prompt" and r["predictor_length"] == 0), None)
+    overhead = {}
+    for grad in READONLY_GRADS:
+        with_predictor = by_key.get(("prompt", DEFAULT_PREDICTOR_LENGTH, grad))
+        if not (with_predictor and without):
+            continue
+        overhead[grad] = {
+            "train_step_time_ratio": with_predictor["train_step_s"] / without["train_step_s"],
+            "train_step_min_time_ratio": with_predictor["train_step_s_min"] / without["train_step_s_min"],
+            "train_step_cpu_time_ratio": with_predictor["train_step_cpu_s"] / without["train_step_cpu_s"],
+            "infer_time_ratio": with_predictor["infer_batch_s"] / without["infer_batch_s"],
+            "train_flops_ratio": with_predictor["train_flops_per_sample"] / without["train_flops_per_sample"],
+            "extra_image_tokens": with_predictor["image_tokens"] - without["image_tokens"],
+            "extra_text_tokens": with_predictor["text_tokens"] - without["text_tokens"],
+            "extra_trainable_params": with_predictor["trainable_params"] - without["trainable_params"],
         }
+    if overhead:
+        summary["predictor_overhead"] = overhead
     return summary
 
 
@@ -361,6 +639,77 @@ def _si(value: float) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g}{unit}"
     return f"{value:.3g}"
+
+
+PROFILE_CLOCKS = {
+    "cpu_self_time": "CPU self time of the operators (main thread); outside operators = Python and "
+                     "framework time between them",
+    "cuda_kernel_time": "CUDA kernel time of the operators that launched them; idle / launch = step wall "
+                        "time minus all kernel time",
+}
+
+
+def markdown_profile(rows: list[dict]) -> list[str]:
+    profiled = [r for r in rows if "profile" in r]
+    if not profiled:
+        return []
+    clock = profiled[0]["profile"]["clock"]
+    last = "idle_launch" if clock == "cuda_kernel_time" else "outside_operators"
+    columns = [*PROFILE_CATEGORIES, last]
+    lines = [
+        "",
+        f"Profile split of one training step (torch.profiler; {PROFILE_CLOCKS[clock]}), % of the step:",
+        "",
+        "| configuration | profiled step (s) | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for r in profiled:
+        split = r["profile"]
+        lines.append(f"| {row_label(r)} | {split['step_wall_s']:.3f} | "
+                     + " | ".join(f"{100 * split['fractions'].get(c, 0.0):.1f}" for c in columns) + " |")
+    return lines
+
+
+def markdown_adamw(comparisons: list[dict]) -> list[str]:
+    if not comparisons:
+        return []
+    lines = [
+        "", "AdamW `optimizer.step()` by implementation, interleaved (median wall s / process CPU s):", "",
+        "| mode | trainable params | for-loop | foreach | fused | fastest (CPU time) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for c in comparisons:
+        cells = [
+            f"{c['step_s'][name]:.4f} / {c['step_cpu_s'][name]:.4f}" if name in c["step_s"]
+            else f"unsupported: {c['unsupported'].get(name, 'not run')[:60]}"
+            for name in ("forloop", "foreach", "fused")
+        ]
+        fastest = c.get("fastest", "-")
+        lines.append(f"| {c['mode']} | {_si(c['trainable_params'])} | {' | '.join(cells)} | {fastest} |")
+    return lines
+
+
+def markdown_compile(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    if "error" in result:
+        return ["", f"torch.compile check failed: {result['error'][:300]}"]
+    breaks = "; ".join(
+        f"{name}: {e['graphs']} graph(s), {e['graph_breaks']} break(s)"
+        + (f" ({' / '.join(e['break_reasons'])})" if e["break_reasons"] else "")
+        for name, e in result["explain"].items()
+    )
+    even = result["break_even_steps"]
+    return [
+        "",
+        f"torch.compile of both encoders ({result['mode']} mode, training step, interleaved with eager): "
+        f"eager {result['eager_step_s']:.3f} s, compiled {result['compiled_step_s']:.3f} s per step "
+        f"(x{result['compiled_vs_eager_step_ratio']:.2f}); compile time {result['compile_s']:.0f} s, a new "
+        f"text length recompiles in {result['recompile_s']:.0f} s; over an epoch of {result['epoch_steps']} "
+        f"steps with one compile: x{result['epoch_ratio_with_compile']:.2f} the eager time"
+        + (f", break-even after {even:.0f} steps." if even is not None else " (never breaks even).")
+        + f" Graphs: {breaks}.",
+    ]
 
 
 def markdown(document: dict) -> str:
@@ -373,21 +722,27 @@ def markdown(document: dict) -> str:
     lines = [
         f"Bench: {s['image_backbone']} + {s['text_arch']} ({'pretrained' if s['pretrained'] else 'random init'}), "
         f"batch {s['batch_size']}, {s['image_size']} px, {s['text_len']} text tokens, "
-        f"{'bf16 autocast' if s['device_type'] == 'cuda' else 'fp32'}; {where}; {header['date']}; "
-        f"median of {s['steps']} steps after {s['warmup']} warm-up, modes interleaved. Matmul rate measured in the run: "
-        f"{_si(document['matmul_flops_per_s'])}FLOP/s" + (f"; load average at the start {load[0]:.1f}." if load else "."),
+        f"{'bf16 autocast' if s['device_type'] == 'cuda' else 'fp32'}, AdamW {s.get('adamw', 'default')}; "
+        f"{where}; {header['date']}; median of {s['steps']} steps after {s['warmup']} warm-up, "
+        "configurations interleaved. "
+        f"Matmul rate measured in the run: {_si(document['matmul_flops_per_s'])}FLOP/s"
+        + (f"; load average at the start {load[0]:.1f}." if load else "."),
         "",
-        "| mode | pred. tokens | trainable / total params | trainable % | train step (s) | train step CPU (s) | "
+        f"Command: `{header['command']}`",
+        "",
+        "| configuration | pred. tokens | trainable / total params | trainable % | train step (s) | "
+        "train step CPU (s) | "
         f"train samples/s | infer samples/s | {memory_column} | train GFLOP/sample | achieved FLOP/s | % of matmul rate |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in document["rows"]:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['predictor_length']} | failed: {r['error'][:80]} |")
+            lines.append(f"| {row_label(r)} | {r['predictor_length']} | failed: {r['error'][:80]} |")
             continue
         memory = r["peak_memory_mb"]
         lines.append(
-            f"| {r['mode']} | {r['predictor_length']} | {_si(r['trainable_params'])} / {_si(r['total_params'])} | "
+            f"| {row_label(r)} | {r['predictor_length']} | "
+            f"{_si(r['trainable_params'])} / {_si(r['total_params'])} | "
             f"{100 * r['trainable_fraction']:.2f} | {r['train_step_s']:.3f} | {r['train_step_cpu_s']:.3f} | "
             f"{r['train_samples_per_s']:.1f} | "
             f"{r['infer_samples_per_s']:.1f} | {memory:.0f} | {r['train_flops_per_sample'] / 1e9:.2f} | "
@@ -396,22 +751,30 @@ def markdown(document: dict) -> str:
     summary = document["summary"]
     lines.append("")
     if "prompt_vs_full_train_step_time_ratio" in summary:
+        met = "met" if summary["prompt_vs_full_meets_target"] else "not met"
         lines.append(
-            f"prompt / full training-step time: {summary['prompt_vs_full_train_step_time_ratio']:.2f} (medians), "
+            "**prompt / full training-step time: "
+            f"{summary['prompt_vs_full_train_step_time_ratio']:.2f}** (medians; "
+            f"target <= {summary['prompt_vs_full_target']:.2f}: {met}), "
             f"{summary['prompt_vs_full_train_step_min_time_ratio']:.2f} (fastest steps), "
             f"{summary['prompt_vs_full_train_step_cpu_time_ratio']:.2f} (process CPU time) "
             f"(FLOPs ratio {summary['prompt_vs_full_train_flops_ratio']:.2f}); prompt trains "
             f"{100 * summary['prompt_trainable_fraction']:.2f} % of the parameters."
         )
-    if "predictor_overhead" in summary:
-        p = summary["predictor_overhead"]
+    for grad, p in summary.get("predictor_overhead", {}).items():
+        lines.append("")
         lines.append(
-            f"Read-only predictor (+{p['extra_image_tokens']} image / +{p['extra_text_tokens']} text tokens, "
-            f"+{p['extra_trainable_params']:,} trainable params) costs x{p['train_step_time_ratio']:.2f} training-step "
-            f"time (x{p['train_step_min_time_ratio']:.2f} fastest steps), x{p['infer_time_ratio']:.2f} inference time, "
-            f"x{p['train_flops_ratio']:.2f} training FLOPs "
+            f"Read-only predictor, readonly_grad={grad} (+{p['extra_image_tokens']} image / "
+            f"+{p['extra_text_tokens']} text tokens, +{p['extra_trainable_params']:,} trainable params) "
+            "costs "
+            f"x{p['train_step_time_ratio']:.2f} training-step time (x{p['train_step_min_time_ratio']:.2f} "
+            f"fastest steps, x{p['train_step_cpu_time_ratio']:.2f} process CPU time), "
+            f"x{p['infer_time_ratio']:.2f} inference time, x{p['train_flops_ratio']:.2f} training FLOPs "
             "(prompt mode, predict vs zero strategy without predictor)."
         )
+    lines += markdown_profile(document["rows"])
+    lines += markdown_adamw(document.get("adamw", []))
+    lines += markdown_compile(document.get("compile"))
     return "\n".join(lines) + "\n"
 
 
@@ -432,7 +795,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0 = torch's default); on a busy shared CPU one thread avoids waiting for a "
                              "descheduled second one at every operator")
-    parser.add_argument("--no-predictor-overhead", action="store_true", help="skip the predictor_length=0 run")
+    parser.add_argument("--no-predictor-overhead", action="store_true",
+                        help="skip the overhead runs (prompt with the other readonly_grad, prompt with "
+                             "predictor_length=0)")
+    parser.add_argument("--adamw", choices=sorted(ADAMW_IMPLEMENTATIONS), default="default",
+                        help="AdamW implementation of the timed steps (default: torch's choice)")
+    parser.add_argument("--adamw-compare", nargs="*", default=["prompt", "full"], choices=PEFT_MODES,
+                        help="modes whose optimizer step is timed with each AdamW implementation "
+                             "(none: skip)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the profile split of one step per configuration")
+    parser.add_argument("--compile-check", action="store_true",
+                        help="also time torch.compile of both encoders against eager (first mode; minutes "
+                             "on a CPU)")
+    parser.add_argument("--epoch-steps", type=int, default=42,
+                        help="steps per epoch over which --compile-check amortises the compile time "
+                             "(emoji demo: 42)")
     parser.add_argument("--isolation", choices=("auto", "subprocess", "inprocess"), default="auto",
                         help="one fresh process per mode (auto: on CPU, where peak RSS needs it) or all in this one")
     parser.add_argument("--out", default=None, help="output JSON (default runs/bench/bench.json, bench_paper.json with --paper)")
@@ -440,7 +818,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.paper:
         args.encoders = "paper"
-    for name in ("batch_size", "image_size", "text_len", "steps", "infer_steps"):
+    for name in ("batch_size", "image_size", "text_len", "steps", "infer_steps", "epoch_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.text_len < 2:
@@ -469,12 +847,33 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as error:  # report every mode; a failed one is named in the table and the exit code
             failed = True
             print(f"bench: {label} failed: {error}", file=sys.stderr)
-            statics.append({"mode": cfg["mode"], "predictor_length": cfg["predictor_length"], "error": str(error)})
+            statics.append({"mode": cfg["mode"], "predictor_length": cfg["predictor_length"],
+                            "readonly_grad": cfg["readonly_grad"], "error": str(error)})
     timed_cfgs = [cfg for cfg, st in zip(cfgs, statics, strict=True) if "error" not in st]
     print(f"bench: timing {len(timed_cfgs)} configurations interleaved ({args.warmup} warm-up + {args.steps} rounds) ...",
           file=sys.stderr, flush=True)
-    times = iter(measure_times(timed_cfgs, args.warmup, args.steps, args.infer_steps) if timed_cfgs else [])
-    rows = [st if "error" in st else finish_row(st, next(times)) for st in statics]
+    grad = default_readonly_grad()
+    with tempfile.TemporaryDirectory(prefix="unipair-bench-") as workdir:
+        works = [Workload(cfg, Path(workdir)) for cfg in timed_cfgs]
+        profile = not args.no_profile
+        timed = measure_times(works, args.warmup, args.steps, args.infer_steps, profile) if works else []
+        times = iter(timed)
+        rows = [st if "error" in st else finish_row(st, next(times)) for st in statics]
+        main_rows = {w.cfg["mode"]: w for w in works if w.cfg["readonly_grad"] == grad
+                     and w.cfg["predictor_length"] == DEFAULT_PREDICTOR_LENGTH}
+        adamw = []
+        for mode in args.adamw_compare:
+            if mode in main_rows:
+                print(f"bench: AdamW implementations on {mode} ...", file=sys.stderr, flush=True)
+                adamw.append(compare_adamw(main_rows[mode], rounds=max(3, args.steps)))
+        del works, main_rows  # free the models before the compile check builds its own
+        compiled = None
+        if args.compile_check and timed_cfgs:
+            print(f"bench: torch.compile check ({timed_cfgs[0]['mode']}) ...", file=sys.stderr, flush=True)
+            try:
+                compiled = measure_compile(timed_cfgs[0], Path(workdir), args.steps, args.epoch_steps)
+            except Exception as error:  # a compiler failure is a result to report, not a crash of the bench
+                compiled = {"mode": timed_cfgs[0]["mode"], "error": f"{type(error).__name__}: {error}"}
     good = [r for r in rows if "error" not in r]
     encoders = ENCODER_SETS[args.encoders]
     document = {
@@ -496,11 +895,15 @@ def main(argv: list[str] | None = None) -> dict:
             "isolation": isolation,
             "threads": args.threads or torch.get_num_threads(),
             "predictor_length": DEFAULT_PREDICTOR_LENGTH,
+            "readonly_grad": grad,
             "strategy": "predict",
+            "adamw": args.adamw,
         },
         "matmul_flops_per_s": common.median([r["matmul_flops_per_s"] for r in good]) if good else None,
         "rows": rows,
-        "summary": summarise(good),
+        "summary": summarise(good, grad),
+        "adamw": adamw,
+        "compile": compiled,
         "wall_s": time.perf_counter() - started,
     }
     out = Path(args.out) if args.out else common.ROOT / "runs" / "bench" / ("bench.json" if args.encoders == "demo" else f"bench_{args.encoders}.json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,8 +58,11 @@ def test_bench_writes_rows_summary_and_table(tmp_path):
     document = json.loads(out.read_text())
     assert {"date", "command", "machine"} <= set(document["header"])
     assert document["settings"]["batch_size"] == 4 and document["settings"]["image_size"] == 32
-    rows = {(r["mode"], r["predictor_length"]): r for r in document["rows"]}
-    assert set(rows) == {("prompt", 8), ("full", 8), ("prompt", 0)}
+    grad = document["settings"]["readonly_grad"]
+    assert grad == bench.default_readonly_grad()
+    other = next(g for g in bench.READONLY_GRADS if g != grad)
+    rows = {(r["mode"], r["predictor_length"], r["readonly_grad"]): r for r in document["rows"]}
+    assert set(rows) == {("prompt", 8, grad), ("full", 8, grad), ("prompt", 8, other), ("prompt", 0, grad)}
     for row in rows.values():
         for field in ("trainable_params", "total_params", "train_step_s", "train_samples_per_s", "infer_samples_per_s",
                       "peak_memory_mb", "train_flops_per_sample", "infer_flops_per_sample",
@@ -66,15 +70,121 @@ def test_bench_writes_rows_summary_and_table(tmp_path):
             assert row[field] > 0, field
         assert len(row["train_step_s_all"]) == 2
         assert row["train_flops_per_sample"] > row["infer_flops_per_sample"]  # backward counted
-    assert rows[("full", 8)]["trainable_fraction"] == 1.0
-    assert rows[("prompt", 8)]["trainable_params"] < rows[("full", 8)]["trainable_params"]
-    assert rows[("prompt", 8)]["image_tokens"] - rows[("prompt", 0)]["image_tokens"] == 8
+    assert rows[("full", 8, grad)]["trainable_fraction"] == 1.0
+    assert rows[("prompt", 8, grad)]["trainable_params"] < rows[("full", 8, grad)]["trainable_params"]
+    assert rows[("prompt", 8, grad)]["image_tokens"] - rows[("prompt", 0, grad)]["image_tokens"] == 8
     summary = document["summary"]
-    assert summary["prompt_vs_full_train_step_time_ratio"] == pytest.approx(
-        rows[("prompt", 8)]["train_step_s"] / rows[("full", 8)]["train_step_s"])
-    assert summary["predictor_overhead"]["extra_text_tokens"] == 8
+    ratio = rows[("prompt", 8, grad)]["train_step_s"] / rows[("full", 8, grad)]["train_step_s"]
+    assert summary["prompt_vs_full_train_step_time_ratio"] == pytest.approx(ratio)
+    assert summary["prompt_vs_full_meets_target"] == (ratio <= bench.PROMPT_FULL_TARGET)
+    # The predictor's overhead for both readonly_grad values, each against the run without predictor.
+    assert set(summary["predictor_overhead"]) == {"through", "detach"}
+    for g in ("through", "detach"):
+        overhead = summary["predictor_overhead"][g]
+        assert overhead["train_step_time_ratio"] == pytest.approx(
+            rows[("prompt", 8, g)]["train_step_s"] / rows[("prompt", 0, grad)]["train_step_s"])
+        assert overhead["extra_text_tokens"] == 8
+    # AdamW implementations side by side on the two main rows' parameters.
+    adamw = {c["mode"]: c for c in document["adamw"]}
+    assert set(adamw) == {"prompt", "full"}
+    assert adamw["full"]["trainable_params"] == rows[("full", 8, grad)]["trainable_params"]
+    for comparison in adamw.values():
+        assert set(comparison["step_s"]) | set(comparison["unsupported"]) == {"forloop", "foreach", "fused"}
+        assert comparison["fastest"] in comparison["step_s"]
     table = out.with_suffix(".md").read_text()
-    assert "| prompt | 8 |" in table and "prompt / full training-step time" in table
+    assert "| prompt, " + grad + " | 8 |" in table and "prompt / full training-step time" in table
+    assert f"readonly_grad={other}" in table and "Profile split" in table and "| full | " in table
+    assert document["header"]["command"] in table
+
+
+def test_bench_profile_split_adds_up_to_the_step(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main([*TINY_BENCH, "--modes", "prompt", "--no-predictor-overhead", "--adamw-compare",
+                "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    split = row["profile"]
+    assert split["clock"] == "cpu_self_time"
+    assert set(split["seconds"]) == {*bench.PROFILE_CATEGORIES, "outside_operators"}
+    # Self times partition the step: nothing counted twice (total times would), nothing left out.
+    assert split["total_s"] == pytest.approx(split["step_wall_s"], rel=0.1)
+    assert sum(split["seconds"].values()) == pytest.approx(split["total_s"])
+    for category in ("attention", "matmul", "elementwise_norm", "optimizer", "other"):
+        assert split["seconds"][category] > 0, category
+    assert sum(split["fractions"].values()) == pytest.approx(1.0)
+
+
+def _event(name, parent=None, cpu_us=0.0, device_us=0.0, device_type=None):
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(name=name, cpu_parent=parent, self_cpu_time_total=cpu_us,
+                           self_device_time_total=device_us,
+                           device_type=DeviceType.CPU if device_type is None else device_type)
+
+
+def test_operator_categories_follow_the_enclosing_operator():
+    linear = _event("aten::linear")
+    layer_norm = _event("aten::layer_norm")
+    addmm_backward = _event("AddmmBackward0", _event("autograd::engine::evaluate_function: AddmmBackward0"))
+    sdpa = _event("aten::scaled_dot_product_attention")
+    optimizer = _event(bench.OPTIMIZER_SCOPE)
+    cases = [
+        ("aten::t", linear, "matmul"),
+        ("aten::addmm", linear, "matmul"),
+        ("aten::empty", layer_norm, "elementwise_norm"),  # allocation inside a norm is the norm's
+        ("aten::sum", addmm_backward, "elementwise_norm"),  # the bias gradient: innermost name decides
+        ("aten::mm", addmm_backward, "matmul"),
+        ("aten::bmm", sdpa, "attention"),  # the math fallback of attention is still attention
+        ("ScaledDotProductFlashAttentionForCpuBackward0", None, "attention"),
+        ("aten::_foreach_mul_", optimizer, "optimizer"),
+        ("Optimizer.step#AdamW.step", None, "optimizer"),
+        ("autograd::engine::evaluate_function: NativeLayerNormBackward0", None, "elementwise_norm"),
+        ("aten::gelu_backward", None, "elementwise_norm"),
+        ("aten::_softmax_backward_data", None, "elementwise_norm"),
+        ("aten::nonzero", None, "other"),
+        ("aten::cat", None, "other"),
+    ]
+    for name, parent, expected in cases:
+        assert bench.op_category(_event(name, parent)) == expected, name
+
+
+def test_profile_split_on_cuda_uses_kernel_time_and_reports_idle():
+    from torch.autograd import DeviceType
+
+    step = _event(bench.STEP_SCOPE, cpu_us=900.0)
+    linear = _event("aten::linear", step)
+    sdpa = _event("aten::scaled_dot_product_attention", step)
+    optimizer = _event(bench.OPTIMIZER_SCOPE, step)
+    events = [
+        step, linear, sdpa, optimizer,
+        _event("aten::addmm", linear, cpu_us=30.0, device_us=400.0),
+        _event("aten::_flash_attention_forward", sdpa, device_us=200.0),
+        _event("aten::add", step, device_us=100.0),
+        _event("aten::_fused_adamw_", optimizer, device_us=50.0),
+        _event("aten::cat", step, device_us=50.0),
+        # The kernel's own device-side record: already counted through aten::addmm.
+        _event("ampere_bf16_gemm", device_us=400.0, device_type=DeviceType.CUDA),
+    ]
+    split = bench.split_events(events, step_wall_s=0.001, device_time=True)
+    assert split["clock"] == "cuda_kernel_time"
+    seconds = {k: round(v * 1e6, 6) for k, v in split["seconds"].items()}
+    assert seconds == {"attention": 200.0, "matmul": 400.0, "elementwise_norm": 100.0, "optimizer": 50.0,
+                       "other": 50.0, "idle_launch": 200.0}
+    cpu = bench.split_events(events, step_wall_s=0.001, device_time=False)
+    assert cpu["seconds"]["outside_operators"] == pytest.approx(900e-6)
+    assert cpu["seconds"]["matmul"] == pytest.approx(30e-6)
+
+
+@pytest.mark.slow
+def test_compile_check_reports_graph_breaks_and_the_amortised_cost(tmp_path):
+    cfg = {**bench.configurations(bench.parse_args(TINY_BENCH + ["--modes", "prompt", "--device", "cpu"]))[0]}
+    result = bench.measure_compile(cfg, tmp_path, steps=2, epoch_steps=42, backend="eager")
+    image, text = result["explain"]["image_encoder"], result["explain"]["text_encoder"]
+    assert image["graph_breaks"] == 0 and image["graphs"] == 1  # timm blocks through run_layer trace whole
+    assert len(text["break_reasons"]) == text["graph_breaks"]
+    assert len(result["compiled_step_s_all"]) == len(result["eager_step_s_all"]) == 2
+    assert result["compile_s"] == pytest.approx(result["first_compiled_step_s"] - result["compiled_step_s"])
+    assert result["epoch_ratio_with_compile"] == pytest.approx(
+        (result["compile_s"] + 42 * result["compiled_step_s"]) / (42 * result["eager_step_s"]))
 
 
 def test_bench_rejects_bad_arguments():
