@@ -249,7 +249,7 @@ def test_python_cli_py_and_console_script(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_driver_leaves_the_run_folders_and_the_comparison(tmp_path, prepared_emoji_cache, capsys):
+def test_demo_driver_leaves_the_run_folders_the_figure_and_the_comparison(tmp_path, prepared_emoji_cache, capsys):
     """scripts/demo.py end to end on the real emoji data with the tiny encoders and 2 training batches."""
     import importlib.util
 
@@ -258,22 +258,32 @@ def test_demo_driver_leaves_the_run_folders_and_the_comparison(tmp_path, prepare
     spec.loader.exec_module(demo)
     out = tmp_path / "demo"
     with patch.object(sys, "argv", ["demo.py"]):
-        demo.main(
-            ["--out", str(out), "--model-config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"), "--image-size", "32",
-             "--epochs", "1", "--limit-train-batches", "2",
-             "--extra", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        result = demo.main(
+            ["--out", str(out), "--encoders-config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
+             "--image-size", "32", "--epochs", "2", "--limit-train-batches", "2",
+             "--extra", "--trainer.limit_val_batches", "1", "--model.init_args.prompt_length", "2",
              "--data.init_args.missing_table_dir", str(tmp_path / "tables")]
         )
-    printed = capsys.readouterr().out
-    for strategy in ("predict", "zero"):
-        (run_dir,) = (out / strategy).iterdir()
+    for name in ("method", "zero_plain", "oracle_image", "oracle_text"):
+        (run_dir,) = (out / name).iterdir()
         assert (run_dir / "config.yaml").is_file() and list(run_dir.glob("events.out.tfevents.*"))
         assert list((run_dir / "checkpoints").glob("best-*.ckpt")) and (run_dir / "checkpoints" / "last.ckpt").is_file()
-        for name in ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "config.yaml"):
-            assert (run_dir / "robustness" / name).is_file(), name
+    for name in ("method", "zero_plain"):
+        (run_dir,) = (out / name).iterdir()
+        for file in ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "config.yaml"):
+            assert (run_dir / "robustness" / file).is_file(), file
         rows = json.loads((run_dir / "robustness" / "robustness.json").read_text())["rows"]
-        assert {r["strategy"] for r in rows} == {strategy} and len({(r["missing_type"], r["missing_rate"]) for r in rows}) == 33
+        assert len({(r["missing_type"], r["missing_rate"]) for r in rows}) == 33
+    # The ceiling: at eta = 0 it is the baseline (complete samples), with every text missing it is the
+    # image-only model alone.
+    oracle = {(r["missing_type"], r["missing_rate"]): r["value"] for r in result["results"]["oracle"]
+              if r["metric"] == "accuracy"}
+    baseline = {(r["missing_type"], r["missing_rate"]): r["value"] for r in result["results"]["zero_plain"]
+                if r["metric"] == "accuracy"}
+    assert oracle[("both", 0.0)] == pytest.approx(baseline[("both", 0.0)])
+    assert len(oracle) == 33
     comparison = (out / "comparison.md").read_text()
-    assert "| missing type | missing rate | predict | zero | predict − zero |" in comparison
+    assert "| missing type | missing rate | method | zero_plain | oracle | method − zero_plain |" in comparison
+    assert "last-epoch gain" in comparison and (out / "comparison.png").stat().st_size > 1000
     assert comparison.count("| both |") == 11 and "mean accuracy over eta 10-100%" in comparison
     assert comparison in printed
