@@ -9,7 +9,7 @@
 #   bash benchmarks/device_run.sh
 # Environment: OUT (output folder, default runs/device), PYTHON (default python3),
 #   TOTAL_MIN (wall minutes for the whole script, default 9), JOBS (ablation cells at once, default 4),
-#   SEEDS (default "0 1 2"), EPOCHS (ablation epochs, default 5), DEVICE (default cuda),
+#   SEEDS (default "0 1 2 3 4"), EPOCHS (ablation epochs, default 5), DEVICE (default cuda),
 #   EXTRA_BENCH / EXTRA_ABLATION (extra arguments appended to each bench / ablation command, e.g. for
 #   a quick CPU check of this script: DEVICE=cpu EXTRA_BENCH="--encoders tiny --image-size 32 ..."),
 #   SKIP_BENCH=1 (ablation only), RESUME_CELLS (a cells .tar.gz of an earlier run, e.g.
@@ -23,7 +23,7 @@ OUT=${OUT:-runs/device}
 PY=${PYTHON:-python3}
 TOTAL_MIN=${TOTAL_MIN:-9}
 JOBS=${JOBS:-4}
-SEEDS=${SEEDS:-0 1 2}
+SEEDS=${SEEDS:-0 1 2 3 4}
 EPOCHS=${EPOCHS:-5}
 PACK=${PACK:-runs/device_pack}
 DEVICE=${DEVICE:-cuda}
