@@ -10,7 +10,8 @@
   as in an uninterrupted run;
 - on SIGTERM (preemption, ``scancel``, a time limit) saves ``last.ckpt`` after the current batch,
   mid-epoch position included (the train loader is resumable, see ``datamodules/sampling.py``),
-  so ``unipair fit ... --ckpt_path last`` continues from that batch;
+  so ``unipair fit ... --ckpt_path last`` continues from that batch; under SLURM, the requeue signal
+  (SIGUSR1) does the same and then requeues the job (``scontrol requeue``), which resumes there;
 - keeps ``last.ckpt`` current at the end of every epoch: Lightning's ``ModelCheckpoint`` with a
   monitored metric rewrites it only when the metric improves, so after a SIGKILL the "last"
   checkpoint could be several epochs old.
@@ -24,11 +25,15 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import threading
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -77,6 +82,22 @@ def _last_checkpoint(trainer: Trainer) -> tuple[ModelCheckpoint, str] | None:
     return callback, os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
 
 
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this SLURM job (an array task as ``<array job>_<task>``), as Lightning does."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        error = result.stderr.strip() if result.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as exception:
+        error = str(exception)
+    if error:
+        rank_zero_warn(f"ResumeState: `scontrol requeue {job}` failed ({error}); resubmit the job to resume")
+    else:
+        rank_zero_info(f"ResumeState: requeued SLURM job {job}")
+
+
 class ResumeState(Callback):
     """Exact resume: random states in checkpoints, ``last.ckpt`` on SIGTERM and at every epoch end.
 
@@ -93,6 +114,8 @@ class ResumeState(Callback):
         self.last_every_epoch = last_every_epoch
         self.restore_rng = restore_rng
         self._pending_rng: list[dict[str, Any]] | None = None
+        self.signalled = False  # a stop signal arrived; acted on at the end of the current batch
+        self._requeue = False
 
     # -------------------------------------------------------------------- random states
 
@@ -122,6 +145,7 @@ class ResumeState(Callback):
         for loader in getattr(trainer.fit_loop._combined_loader, "flattened", []):
             if isinstance(loader, ResumableDataLoader):
                 loader.trainer_batches_done = lambda: progress.current.ready
+        self._take_over_signals(trainer)
         # After the sanity check and the data setup of the resumed run, right before its first batch:
         # the states are those of the interrupted run at the moment its checkpoint was written.
         states, self._pending_rng = self._pending_rng, None
@@ -134,6 +158,46 @@ class ResumeState(Callback):
             )
             return
         restore_rng_state(states[trainer.global_rank])
+
+    # ------------------------------------------------------------------------------ signals
+
+    def _take_over_signals(self, trainer: Trainer) -> None:
+        """Replace Lightning's SIGTERM and SLURM requeue-signal handlers by ones that only take note.
+
+        Lightning's run collectives inside the handler (SIGTERM: a broadcast; SIGUSR1 under SLURM: a
+        checkpoint save, with its gathers and barrier; Lightning issue #21406). Under DDP a signal reaches
+        the processes at different points of a step, so these meet another process's gradient all-reduce
+        and the job hangs. Here the processes agree at the end of every batch (``on_train_batch_end``).
+        """
+        if not self.save_on_sigterm or threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if not self.signalled and signum == signal.SIGTERM and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)  # processes it started itself (not under SLURM)
+            self.signalled = True
+            self._requeue = self._requeue or signum != signal.SIGTERM
+            if trainer.world_size == 1:
+                trainer._signal_connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            signal.signal(environment.requeue_signal, on_signal)
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._take_over_signals(trainer)  # Lightning has just registered its handlers
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if not self.save_on_sigterm:
+            return
+        stop = self.signalled
+        if _distributed():
+            flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:  # every process raises SIGTERMException after this batch (Lightning's loop)
+            trainer._signal_connector.received_sigterm = True
 
     # --------------------------------------------------------------------- last.ckpt
 
@@ -193,6 +257,8 @@ class ResumeState(Callback):
                 "`unipair fit <same arguments> --ckpt_path last` in the same run folder (same "
                 "--trainer.logger.init_args.version)."
             )
+        if self._requeue and trainer.is_global_zero:
+            requeue_slurm_job()  # after the save: SLURM then stops the job and starts it again
 
 
 class EvaluationCoverage(Callback):

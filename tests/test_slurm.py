@@ -31,6 +31,7 @@ import pytest
 import yaml
 from lightning.pytorch import Callback
 
+from lightning_modules.callbacks import ResumeState
 from tests.fixtures_data import make_hateful_memes
 from tests.test_resume import _assert_equal, _trained_state
 
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm" / "unipair.sbatch"
 CLUSTER = REPO / "scripts" / "slurm" / "local_cluster.sh"
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "scancel")
-STEPS_PER_EPOCH = 2  # 16 train samples, 2 processes x batch 4
+STEPS_PER_EPOCH = 3  # 24 train samples, 2 processes x batch 4
 JOB_TIMEOUT_S = 900
 
 
@@ -68,6 +69,24 @@ class RecordRun(Callback):
         if trainer.is_global_zero:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             (self.folder / f"{self._job()}-test-metrics.json").write_text(json.dumps(metrics))
+
+
+class HoldRankOneUntilSignalled(Callback):
+    """Before the batch after step ``step``, process 1 writes ``marker`` and waits (up to 5 min) for a stop
+    signal, while process 0 goes on into the batch and waits in the gradient all-reduce: the signal
+    reaches the two processes at different points of a step, as it does on a cluster."""
+
+    def __init__(self, step: int = 0, marker: str = "") -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != 1:
+            return
+        resume = next(c for c in trainer.callbacks if isinstance(c, ResumeState))
+        Path(self.marker).write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while not resume.signalled and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------ fast tests
@@ -254,7 +273,7 @@ def _environments(folder: Path, job: str, restart: int = 0, stage: str = "fit") 
 def reference_job(cluster, tmp_path_factory):
     """An uninterrupted fit under SLURM: (folder, job id, its run folder)."""
     folder = tmp_path_factory.mktemp("slurm")
-    root = make_hateful_memes(folder, n_train=16, n_dev=9, n_test=7)
+    root = make_hateful_memes(folder, n_train=24, n_dev=9, n_test=7)
     experiment = _experiment_config(folder, root, "reference", [])
     env = _job_env(cluster, CONFIGS=" ".join(_configs(experiment)), RUN_DIR=str(folder / "runs"))
     job_id = _submit(env)
@@ -294,8 +313,9 @@ def test_a_job_runs_ddp_under_slurm_like_a_local_two_process_run(cluster, refere
 def test_usr1_mid_training_requeues_the_job_and_it_resumes_to_the_uninterrupted_result(cluster, reference_job):
     folder, root, reference_id, reference_run = reference_job
     marker = folder / "paused.marker"
-    pause = [{"class_path": "tests.test_resume.PauseAt", "init_args": {"step": STEPS_PER_EPOCH + 1, "marker": str(marker)}}]
-    experiment = _experiment_config(folder, root, "interrupted", pause)
+    hold = [{"class_path": "tests.test_slurm.HoldRankOneUntilSignalled",
+             "init_args": {"step": STEPS_PER_EPOCH, "marker": str(marker)}}]
+    experiment = _experiment_config(folder, root, "interrupted", hold)
     env = _job_env(cluster, CONFIGS=" ".join(_configs(experiment)), RUN_DIR=str(folder / "runs"))
     job_id = _submit(env)
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -304,15 +324,21 @@ def test_usr1_mid_training_requeues_the_job_and_it_resumes_to_the_uninterrupted_
             _job(cluster, job_id), _log(folder / "runs", job_id)[-5000:])
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job_id], env=cluster, check=True)  # what a preemption sends
+    while (job := _job(cluster, job_id)).get("Restarts") != "1" or job.get("JobState") != "PENDING":
+        assert time.monotonic() < deadline and job.get("JobState") in ("RUNNING", "COMPLETING"), (
+            job, _log(folder / "runs", job_id)[-5000:])
+        time.sleep(0.5)
+    # SLURM holds a requeued job for about two minutes (Reason=BeginTime); start it now instead.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=cluster, check=True)
     job = _wait(cluster, folder / "runs", job_id)
     log = _log(folder / "runs", job_id)
 
     assert job["Restarts"] == "1", log[-5000:]
-    assert "Handling auto-requeue signal" in log and f"Requeued SLURM job: {job_id}" in log
+    # Both processes finish the held batch (the first of epoch 1), then stop together.
     assert f"Stopped by SIGTERM after global step {STEPS_PER_EPOCH + 1}" in log
+    assert f"ResumeState: requeued SLURM job {job_id}" in log
     run = folder / "runs" / "interrupted" / f"slurm-{job_id}"
     assert f"Restoring states from the checkpoint path at {run / 'checkpoints' / 'last.ckpt'}" in log
-    assert (folder / "runs" / "slurm" / job_id / "hpc_ckpt_1.ckpt").is_file()  # Lightning's own, on USR1
     for restart in (0, 1):
         assert [r["environment"] for r in _environments(folder, job_id, restart)] == ["SLURMEnvironment"] * 2
 
@@ -339,10 +365,10 @@ def test_test_and_robustness_run_as_a_second_job_on_the_first_jobs_checkpoint(cl
     counts = [test_metrics[f"test/{case}/num_samples"] for case in ("complete", "text_missing", "image_missing")]
     assert sum(counts) == 7  # every test sample once over the two processes
 
-    rows = json.loads((run / "robustness" / "robustness.json").read_text())["rows"]
-    assert len(rows) == 11 * 3
+    rows = [r for r in json.loads((run / "robustness" / "robustness.json").read_text())["rows"] if r["metric"] == "auroc"]
+    assert len(rows) == 11 * 3  # eta 0, 0.1, ..., 1 x text, image, both
     at_test_setting = next(r for r in rows if r["missing_type"] == "both" and math.isclose(r["missing_rate"], 0.6))
-    assert at_test_setting["metric"] == "auroc" and at_test_setting["n"] == 7
+    assert at_test_setting["n"] == 7
     assert math.isclose(at_test_setting["value"], test_metrics["test/auroc"], rel_tol=1e-5, abs_tol=1e-6)
     assert (folder / "runs" / "reference" / f"slurm-{job_id}").is_dir()  # its own folder: job 1's config is kept
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["version"] == f"slurm-{reference_id}"
