@@ -11,7 +11,7 @@ CONSTRAINTS := requirements/constraints.txt
 STAMP       := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) 2>/dev/null | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: help install assets demo test test-full lint bench ablation clean distclean
+.PHONY: help install assets demo test test-full test-slurm lint bench ablation clean distclean
 
 help: ## Show this help.
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ test: assets ## Install, then run the fast test suite.
 
 test-full: assets ## Install, then run every test, slow ones included.
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slurm: install ## Install slurm-wlm if absent (apt-get), run tests/test_slurm.py on a private local SLURM.
+	@scripts/slurm/local_cluster.sh install; status=$$?; \
+	if [ $$status = 3 ]; then echo "test-slurm: skipped, SLURM cannot be installed here (see above)"; exit 0; fi; \
+	[ $$status = 0 ] || exit $$status; \
+	UNIPAIR_REQUIRE_SLURM=1 $(PY) -m pytest -q tests/test_slurm.py $(PYTEST_ARGS)
 
 lint: install ## Lint with ruff.
 	$(VENV)/bin/ruff check .

@@ -5,6 +5,7 @@
 #   scripts/slurm/local_cluster.sh start DIR    # start munged, slurmctld and slurmd; writes DIR/env
 #   scripts/slurm/local_cluster.sh stop DIR     # cancel its jobs, stop its daemons
 #   scripts/slurm/local_cluster.sh run CMD...   # install, start in a temporary folder, run CMD, stop
+#                                               # (the folder is kept, for its logs, when CMD fails)
 #
 # Everything lives in DIR: slurm.conf, the munge key and socket, state, spool, logs and pid files.
 # The daemons listen on free ports above 20000 (not 6817/6818) and use their own munge socket, so a
@@ -137,7 +138,7 @@ stop() {
 
 run() {
   install
-  local dir
+  local dir status=0
   dir=$(mktemp -d /tmp/unipair-slurm.XXXXXX)
   # shellcheck disable=SC2064
   trap "stop '$dir'" EXIT
@@ -145,7 +146,10 @@ run() {
   start "$dir"
   # shellcheck disable=SC1091
   source "$dir/env"
-  "$@"
+  "$@" || status=$?
+  stop "$dir"
+  if [[ $status == 0 ]]; then rm -rf "$dir"; else echo "local_cluster: $1 failed ($status); logs in $dir/log" >&2; fi
+  return "$status"
 }
 
 case ${1:-} in
