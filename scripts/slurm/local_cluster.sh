@@ -25,15 +25,19 @@ install() {
   fi
   local sudo=()
   if [[ $(id -u) != 0 ]]; then
-    command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo=(sudo -n) \
-      || { echo "local_cluster: slurm-wlm is not installed and installing it needs root (or sudo)" >&2; exit 3; }
+    if ! { command -v sudo >/dev/null && sudo -n true 2>/dev/null; }; then
+      echo "local_cluster: slurm-wlm is not installed and installing it needs root (or sudo)" >&2
+      exit 3
+    fi
+    sudo=(sudo -n)
   fi
   command -v apt-get >/dev/null \
     || { echo "local_cluster: slurm-wlm is not installed and there is no apt-get to install it" >&2; exit 3; }
   echo "local_cluster: installing slurm-wlm with apt-get"
-  # The package scripts cannot start services in a container (policy-rc.d); nothing is started.
-  if ! { "${sudo[@]}" apt-get update -q && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q \
-    --no-install-recommends slurm-wlm; } >/tmp/unipair-slurm-apt.log 2>&1; then
+  # Under systemd the package starts the system's munge (and tries slurmd/slurmctld, which need an
+  # /etc/slurm/slurm.conf); the private cluster uses none of them. In a container nothing starts.
+  if ! { "${sudo[@]}" apt-get update -q && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install \
+    -y -q --no-install-recommends slurm-wlm; } >/tmp/unipair-slurm-apt.log 2>&1; then
     tail -5 /tmp/unipair-slurm-apt.log >&2
     echo "local_cluster: apt-get install slurm-wlm failed (log: /tmp/unipair-slurm-apt.log)" >&2
     exit 3
@@ -148,7 +152,11 @@ run() {
   source "$dir/env"
   "$@" || status=$?
   stop "$dir"
-  if [[ $status == 0 ]]; then rm -rf "$dir"; else echo "local_cluster: $1 failed ($status); logs in $dir/log" >&2; fi
+  if [[ $status == 0 ]]; then
+    rm -rf "$dir"
+  else
+    echo "local_cluster: $1 failed ($status); logs in $dir/log" >&2
+  fi
   return "$status"
 }
 
