@@ -23,6 +23,8 @@ HEAD_PREFIXES: tuple[str, ...] = (
 )
 # nn.Embedding tables that encode positions / segments rather than vocabulary (BERT's naming).
 NO_DECAY_EMBEDDINGS: tuple[str, ...] = ("position_embeddings", "token_type_embeddings")
+# Devices with torch's fused AdamW kernel (benchmarks/bench.py times it against for-loop and foreach).
+FUSED_ADAMW_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 
 def no_weight_decay_names(module: nn.Module) -> set[str]:
@@ -81,6 +83,23 @@ def lr_scheduler(
     raise ValueError(f"lr_schedule: unknown schedule {schedule!r}; expected one of {list(LR_SCHEDULES)}")
 
 
+def can_fuse_adamw(
+    module: nn.Module, precision: str = "32-true", gradient_clip_val: float | None = None
+) -> bool:
+    """Whether AdamW's fused kernel can serve ``module``'s trainable parameters in this Trainer setting.
+
+    Every trainable parameter must be floating point on a device of ``FUSED_ADAMW_DEVICES``. Under
+    Lightning's mixed precision (``16-mixed``, ``bf16-mixed``) a fused optimiser unscales gradients in
+    its own step, and Lightning then refuses gradient clipping: no fusing with both.
+    """
+    if "mixed" in str(precision) and gradient_clip_val:
+        return False
+    params = [p for p in module.parameters() if p.requires_grad]
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params
+    )
+
+
 def configure_adamw(
     module: nn.Module,
     lr: float,
@@ -89,9 +108,15 @@ def configure_adamw(
     warmup_fraction: float,
     schedule: LRSchedule,
     total_steps: int,
+    fused: bool = False,
 ) -> dict[str, Any]:
-    """What ``configure_optimizers`` returns: AdamW over :func:`parameter_groups`, scheduler per step."""
-    optimizer = torch.optim.AdamW(parameter_groups(module, lr, head_lr, weight_decay), lr=lr, weight_decay=weight_decay)
+    """What ``configure_optimizers`` returns: AdamW over :func:`parameter_groups`, scheduler per step.
+
+    ``fused``: AdamW's fused kernel (check :func:`can_fuse_adamw` first); False leaves torch's default
+    implementation (foreach on CUDA, the for-loop on CPU).
+    """
+    groups = parameter_groups(module, lr, head_lr, weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
     total_steps = max(1, int(total_steps))
     scheduler = lr_scheduler(optimizer, schedule, int(warmup_fraction * total_steps), total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

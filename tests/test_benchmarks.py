@@ -187,6 +187,65 @@ def test_compile_check_reports_graph_breaks_and_the_amortised_cost(tmp_path):
         (result["compile_s"] + 42 * result["compiled_step_s"]) / (42 * result["eager_step_s"]))
 
 
+def test_fused_adamw_steps_like_the_default_implementation():
+    """The implementation the bench times as fastest is the one configure_adamw builds on request."""
+    import copy
+
+    from lightning_modules.optim import configure_adamw
+    from tests.method_fixtures import tiny_system
+
+    model = tiny_system(image_peft="bitfit", text_peft="bitfit")
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    optimizers = [configure_adamw(m, 1e-2, 1e-1, 0.05, 0.0, "constant", 10, fused=fused)["optimizer"]
+                  for m, fused in ((model, False), (twin, True))]
+    assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=generator) for p in model.parameters() if p.requires_grad]
+        for m, optimizer in zip((model, twin), optimizers, strict=True):
+            for p, g in zip((p for p in m.parameters() if p.requires_grad), grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), start.parameters(), strict=True))
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_only_where_lightning_can_clip_with_it():
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.optim import can_fuse_adamw
+    from tests.method_fixtures import tiny_system
+
+    model = tiny_system()
+    assert can_fuse_adamw(model) and can_fuse_adamw(model, "bf16-mixed")
+    assert can_fuse_adamw(model, "32-true", gradient_clip_val=1.0)
+    assert not can_fuse_adamw(model, "bf16-mixed", gradient_clip_val=1.0)
+    assert not can_fuse_adamw(torch.nn.Linear(2, 2, device="meta"))
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_index):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), fused=True)
+
+    def fit(precision: str) -> None:
+        trainer = pl.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=1.0, max_steps=1,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(Regression(), DataLoader(torch.randn(8, 4), batch_size=4))
+
+    fit("32-true")
+    with pytest.raises(RuntimeError, match="fused"):  # why can_fuse_adamw says no to mixed + clipping
+        fit("bf16-mixed")
+
+
 def test_bench_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         bench.parse_args(["--batch-size", "0"])
