@@ -58,7 +58,9 @@ from lightning_modules.system import UnipairSystem
 DEBUG_ENV = "UNIPAIR_DEBUG"
 SOURCE_ROOT = Path(__file__).resolve().parent
 # Where unipair validates what it is given: a ValueError / FileNotFoundError raised here is a user error.
-VALIDATING_CODE: tuple[Path, ...] = (SOURCE_ROOT / "datamodules", SOURCE_ROOT / "lightning_modules", SOURCE_ROOT / "cli.py")
+VALIDATING_CODE: tuple[Path, ...] = (
+    SOURCE_ROOT / "datamodules", SOURCE_ROOT / "lightning_modules", SOURCE_ROOT / "cli.py",
+)
 DEFAULT_RUN_DIR = "runs"
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -128,7 +130,8 @@ def user_error_message(error: BaseException) -> str | None:
                 traceback = traceback.tb_next
             origin = traceback.tb_frame.f_code.co_filename if traceback is not None else None
         ours = _in_validating_code(origin)
-        if isinstance(error, _user_error_types()) or (isinstance(error, (ValueError, FileNotFoundError)) and ours):
+        validation = isinstance(error, (ValueError, FileNotFoundError)) and ours
+        if validation or isinstance(error, _user_error_types()):
             return message.strip() or type(error).__name__
         if ours:
             return None
@@ -203,10 +206,13 @@ class UnipairTrainer(Trainer):
 
         if dataloaders is not None:
             raise UserInputError(
-                "--predict_file / --output_file write predictions of the DataModule or of a JSONL file, not of dataloaders"
+                "--predict_file / --output_file write predictions of the DataModule or of a JSONL file, "
+                "not of dataloaders"
             )
         if datamodule is None:
-            raise UserInputError("--predict_file / --output_file need the run's DataModule (--config of the run, or --data)")
+            raise UserInputError(
+                "--predict_file / --output_file need the run's DataModule (--config of the run, or --data)"
+            )
         if predict_file is not None:
             output = prediction_output_path(predict_file, output_file)
             loader = prediction_dataloader(Path(predict_file), datamodule)

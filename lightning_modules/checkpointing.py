@@ -163,12 +163,15 @@ def restore_frozen_weights(module: nn.Module, checkpoint: dict[str, Any]) -> Non
     if unexpected or missing_trainable or mismatched:
         saved = checkpoint.get("hyper_parameters", {})
         hparams = getattr(module, "hparams", {})
-        differences = {key: (saved.get(key), value) for key, value in hparams.items() if saved.get(key) != value}
+        differences = {
+            key: (saved.get(key), value) for key, value in hparams.items() if saved.get(key) != value
+        }
         raise CheckpointMismatchError(
             f"checkpoint does not match this {type(module).__name__} configuration: "
             f"{len(missing_trainable)} trainable/buffer keys missing (e.g. {sorted(missing_trainable)[:5]}), "
             f"{len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:5]}), "
-            f"{len(mismatched)} with other shapes (checkpoint, current; e.g. {dict(list(mismatched.items())[:3])}). "
+            f"{len(mismatched)} with other shapes (checkpoint, current; "
+            f"e.g. {dict(list(mismatched.items())[:3])}). "
             f"Hyperparameters that differ (checkpoint, current): {differences}"
         )
     check_frozen_digests(module, checkpoint)

@@ -25,7 +25,11 @@ from torch import nn
 NONFINITE_POLICIES: tuple[str, ...] = ("error", "skip")
 # Loss terms a non-finite value is reported by, components before the sums they make up.
 LOSS_COMPONENTS: tuple[str, ...] = (
-    "task_loss", "substitution_loss", "vicreg_invariance", "vicreg_variance", "vicreg_covariance",
+    "task_loss",
+    "substitution_loss",
+    "vicreg_invariance",
+    "vicreg_variance",
+    "vicreg_covariance",
 )
 
 
@@ -36,7 +40,8 @@ class NonFiniteLossError(FloatingPointError):
 def distributed() -> bool:
     """True under an initialised process group of more than one process."""
     return (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     )
 
@@ -82,7 +87,9 @@ class NonFiniteGuard:
         self._window_batches = 0
         self._window_skipped = 0
 
-    def check_losses(self, losses: dict[str, torch.Tensor], ids: Sequence[str], where: str, policy: str) -> bool:
+    def check_losses(
+        self, losses: dict[str, torch.Tensor], ids: Sequence[str], where: str, policy: str
+    ) -> bool:
         """Check every loss term of a training batch; True when its update must be skipped.
 
         A [ranks x terms] flag matrix (each rank fills its row) is max-reduced over the ranks: one
@@ -107,11 +114,14 @@ class NonFiniteGuard:
         if components:
             what = "non-finite loss term(s): " + ", ".join(name + on_ranks(name) for name in components)
         else:
-            what = f"non-finite weighted sum ({', '.join(bad_terms)}) while every component is finite (overflow)"
+            what = (
+                f"non-finite weighted sum ({', '.join(bad_terms)}) while every component is finite (overflow)"
+            )
         local = dict(zip(names, values.tolist(), strict=True))
         details = (
             f"{what} at {where}"
-            + f". Values on rank {rank}: " + ", ".join(f"{k}={v:.6g}" for k, v in local.items())
+            + f". Values on rank {rank}: "
+            + ", ".join(f"{k}={v:.6g}" for k, v in local.items())
             + f". Batch ids (first 8, rank {rank}): {list(ids)[:8]}."
         )
         if policy == "error":
@@ -170,13 +180,17 @@ class NonFiniteGuard:
             return
         names = {id(p): n for n, p in named_parameters()}
         bad = [names.get(id(p), "?") for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
-        details = f"non-finite gradient(s) at global step {global_step} in {len(bad)} parameter(s), e.g. {bad[:5]}"
+        details = (
+            f"non-finite gradient(s) at global step {global_step} in {len(bad)} parameter(s), e.g. {bad[:5]}"
+        )
         if policy == "error":
             raise NonFiniteLossError(
                 f"Training stopped: {details} (the loss terms were finite). Lower the learning rate, or set "
                 "model.nonfinite_policy: skip to skip such updates (counted and logged)."
             )
         self.skipped_batches += 1
-        rank_zero_warn(f"Skipping this update (nonfinite_policy=skip, {self.skipped_batches} skipped so far): {details}")
+        rank_zero_warn(
+            f"Skipping this update (nonfinite_policy=skip, {self.skipped_batches} skipped so far): {details}"
+        )
         for param in params:
             param.grad = None

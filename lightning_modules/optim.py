@@ -18,8 +18,12 @@ from torch import nn
 LRSchedule = Literal["linear", "cosine", "constant"]
 LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine", "constant")
 HEAD_PREFIXES: tuple[str, ...] = (
-    "head.", "missing_fill.", "image_to_text.", "text_to_image.",
-    "image_encoder.readonly_tokens.", "text_encoder.readonly_tokens.",
+    "head.",
+    "missing_fill.",
+    "image_to_text.",
+    "text_to_image.",
+    "image_encoder.readonly_tokens.",
+    "text_encoder.readonly_tokens.",
 )
 # nn.Embedding tables that encode positions / segments rather than vocabulary (BERT's naming).
 NO_DECAY_EMBEDDINGS: tuple[str, ...] = ("position_embeddings", "token_type_embeddings")
@@ -58,8 +62,12 @@ def parameter_groups(
         decay = param.ndim >= 2 and name not in exempt
         groups.setdefault((part, decay), []).append(param)
     return [
-        {"params": params, "lr": head_lr if part == "head" else lr,
-         "weight_decay": weight_decay if decay else 0.0, "name": f"{part}{'' if decay else '_no_decay'}"}
+        {
+            "params": params,
+            "lr": head_lr if part == "head" else lr,
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
         for (part, decay), params in sorted(groups.items())
     ]
 

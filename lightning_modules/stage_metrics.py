@@ -54,28 +54,43 @@ class StageMetrics(nn.Module):
         loss_names: names of the loss terms a batch yields (summed on val and test).
     """
 
-    def __init__(self, task: str, num_classes: int, threshold: float = 0.5, loss_names: Sequence[str] = ("loss",)) -> None:
+    def __init__(
+        self, task: str, num_classes: int, threshold: float = 0.5, loss_names: Sequence[str] = ("loss",)
+    ) -> None:
         super().__init__()
         self.task = task
         base = build_metric_collection(task, num_classes, threshold)
         per_case = build_metric_collection(task, num_classes, threshold, ignore_index=IGNORE_INDEX)
         self.stage_metrics = nn.ModuleDict({_key(stage): base.clone(prefix=f"{stage}/") for stage in STAGES})
-        self.case_metrics = nn.ModuleDict({
-            _key(stage): nn.ModuleDict({case: per_case.clone(prefix=f"{stage}/{case}/") for case in MISSING_CASES})
-            for stage in CASE_STAGES
-        })
-        self.case_counts = nn.ModuleDict({
-            _key(stage): nn.ModuleDict({case: SumMetric() for case in MISSING_CASES}) for stage in CASE_STAGES
-        })
-        self.eval_loss_sums = nn.ModuleDict({
-            _key(stage): nn.ModuleDict(
-                {name: SumMetric(nan_strategy="disable") for name in [*loss_names, EVAL_SAMPLE_COUNT]}
-            )
-            for stage in CASE_STAGES
-        })
+        self.case_metrics = nn.ModuleDict(
+            {
+                _key(stage): nn.ModuleDict(
+                    {case: per_case.clone(prefix=f"{stage}/{case}/") for case in MISSING_CASES}
+                )
+                for stage in CASE_STAGES
+            }
+        )
+        self.case_counts = nn.ModuleDict(
+            {
+                _key(stage): nn.ModuleDict({case: SumMetric() for case in MISSING_CASES})
+                for stage in CASE_STAGES
+            }
+        )
+        self.eval_loss_sums = nn.ModuleDict(
+            {
+                _key(stage): nn.ModuleDict(
+                    {name: SumMetric(nan_strategy="disable") for name in [*loss_names, EVAL_SAMPLE_COUNT]}
+                )
+                for stage in CASE_STAGES
+            }
+        )
 
     def update(
-        self, stage: str, logits: torch.Tensor, batch: dict[str, Any], losses: dict[str, torch.Tensor] | None = None
+        self,
+        stage: str,
+        logits: torch.Tensor,
+        batch: dict[str, Any],
+        losses: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Add one batch: its logits, labels and presence masks, and (val/test) its loss terms."""
         if stage in CASE_STAGES and losses is not None:
@@ -118,7 +133,12 @@ class StageMetrics(nn.Module):
                 count = sums[EVAL_SAMPLE_COUNT].compute()
                 for name, total in sums.items():
                     if name != EVAL_SAMPLE_COUNT:
-                        log(f"{stage}/{name}", total.compute() / count, prog_bar=name == "loss", sync_dist=True)
+                        log(
+                            f"{stage}/{name}",
+                            total.compute() / count,
+                            prog_bar=name == "loss",
+                            sync_dist=True,
+                        )
             for total in sums.values():
                 total.reset()
             for case in MISSING_CASES:

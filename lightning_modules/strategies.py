@@ -53,7 +53,9 @@ MISSING_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)
 def get_strategy(name: str) -> MissingStrategy:
     """The registry entry of ``name`` (a ValueError naming the option and the choices otherwise)."""
     if name not in STRATEGIES:
-        raise ValueError(f"missing_strategy: unknown strategy {name!r}; expected one of {list(MISSING_STRATEGIES)}")
+        raise ValueError(
+            f"missing_strategy: unknown strategy {name!r}; expected one of {list(MISSING_STRATEGIES)}"
+        )
     return STRATEGIES[name]
 
 
@@ -61,7 +63,8 @@ def check_predictor(strategy: MissingStrategy, predictor_length: int, substituti
     """A ValueError when the configuration needs a predictor but ``predictor_length`` is 0."""
     if predictor_length == 0 and (strategy.needs_predictor or substitution):
         raise ValueError(
-            "predictor_length=0 leaves no predictor, but missing_strategy='predict' or substitution=True needs one"
+            "predictor_length=0 leaves no predictor, but missing_strategy='predict' or substitution=True "
+            "needs one"
         )
 
 
@@ -70,7 +73,8 @@ def untrained_stand_in_warning(strategy: MissingStrategy, train_missing_rate: fl
     if not strategy.learned_stand_in or train_missing_rate is None or train_missing_rate > 0:
         return None
     return (
-        f"missing_strategy={strategy.name!r} with train missing rate 0 (complete training): no training sample "
+        f"missing_strategy={strategy.name!r} with train missing rate 0 (complete training): "
+        "no training sample "
         "misses a modality, so the learned missing-modality vectors never receive a gradient and stay at "
         "their random initialisation (only samples with a bad input treated as missing would train them). "
         "Results at test time measure an untrained stand-in."

@@ -220,7 +220,8 @@ def test_config_is_saved_and_a_requeued_run_may_rewrite_it(tmp_path):
          r"data.val_missing.both_ratio must be a number in \[0, 1\], got 1.5"),
     ],
 )
-def test_misconfiguration_fails_before_anything_is_built(extra, error, message, tmp_path, capsys, monkeypatch):
+def test_misconfiguration_fails_before_anything_is_built(extra, error, message, tmp_path, capsys,
+                                                         monkeypatch):
     root = make_hateful_memes(tmp_path)
     args = ["fit", *_tiny_args("hateful_memes.yaml", root, tmp_path), *extra]
     with patch("lightning_modules.encoders.sources.create_image_backbone") as build:

@@ -1,4 +1,4 @@
-"""The non-finite guard (lightning_modules/numerics.py) on its own; through a Trainer: test_numerical_safety."""
+"""The non-finite guard (lightning_modules/numerics.py) alone; through a Trainer: test_numerical_safety.py."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def test_finite_losses_pass_and_a_nan_term_is_an_error_naming_term_place_values_
 
 
 def test_overflowing_sum_of_finite_terms_is_named_as_such():
-    with pytest.raises(NonFiniteLossError, match=r"non-finite weighted sum \(loss\) while every component is finite"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite weighted sum \(loss\) while every component is finite"
+    ):
         NonFiniteGuard().check_losses(_losses(loss=torch.tensor(float("inf"))), [], "here", "error")
 
 
@@ -55,7 +57,10 @@ def test_nonfinite_gradient_is_an_error_or_a_skipped_update():
     guard = NonFiniteGuard()
     guard.check_losses(_losses(), [], "here", "error")
     param.grad, other.grad = torch.tensor([1.0, float("inf")]), torch.ones(1)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient\(s\) at global step 7 in 1 parameter\(s\), e.g. \['encoder.w'\]"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite gradient\(s\) at global step 7 in 1 parameter\(s\), e.g. \['encoder.w'\]",
+    ):
         guard.before_optimizer_step(optimizer, named, 7, "32-true", "error")
     guard.before_optimizer_step(optimizer, named, 7, "16-mixed", "error")  # the fp16 scaler's job: untouched
     assert other.grad is not None

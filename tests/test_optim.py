@@ -24,14 +24,26 @@ def test_full_mode_exempts_position_embeddings_and_tokens_from_weight_decay():
 
     vit = "image_encoder.backbone."
     bert = "text_encoder.backbone.embeddings."
-    for name in (vit + "pos_embed", vit + "cls_token", bert + "position_embeddings.weight",
-                 bert + "token_type_embeddings.weight", vit + "blocks.0.norm1.weight", vit + "blocks.0.attn.qkv.bias"):
+    for name in (
+        vit + "pos_embed",
+        vit + "cls_token",
+        bert + "position_embeddings.weight",
+        bert + "token_type_embeddings.weight",
+        vit + "blocks.0.norm1.weight",
+        vit + "blocks.0.attn.qkv.bias",
+    ):
         group = by_param[id(params[name])]
         assert (group["name"], group["weight_decay"], group["lr"]) == ("encoder_no_decay", 0.0, 1e-4), name
     for name in (vit + "blocks.0.attn.qkv.weight", bert + "word_embeddings.weight"):
-        assert by_param[id(params[name])]["name"] == "encoder" and by_param[id(params[name])]["weight_decay"] == 0.05
+        assert (
+            by_param[id(params[name])]["name"] == "encoder"
+            and by_param[id(params[name])]["weight_decay"] == 0.05
+        )
     head_weight = next(n for n in trainable if n.startswith("head.") and params[n].ndim == 2)
-    assert (by_param[id(params[head_weight])]["name"], by_param[id(params[head_weight])]["lr"]) == ("head", 1e-3)
+    assert (by_param[id(params[head_weight])]["name"], by_param[id(params[head_weight])]["lr"]) == (
+        "head",
+        1e-3,
+    )
 
 
 def test_no_weight_decay_names_follow_timm():
@@ -54,8 +66,11 @@ def test_prompt_mode_groups_are_the_one_dimensional_rule():
 
 @pytest.mark.parametrize(
     "schedule, expected",
-    [("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]), ("cosine", [0.0, 0.5, 1.0, 0.854, 0.5, 0.146, 0.0]),
-     ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0])],
+    [
+        ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]),
+        ("cosine", [0.0, 0.5, 1.0, 0.854, 0.5, 0.146, 0.0]),
+        ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
 )
 def test_schedules_warm_up_then_decay(schedule, expected):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -9,8 +9,11 @@ from lightning_modules.stage_metrics import StageMetrics
 
 
 def _batch(labels, image_present, text_present) -> dict:
-    return {"label": torch.tensor(labels), "image_present": torch.tensor(image_present),
-            "text_present": torch.tensor(text_present)}
+    return {
+        "label": torch.tensor(labels),
+        "image_present": torch.tensor(image_present),
+        "text_present": torch.tensor(text_present),
+    }
 
 
 def _logits(predicted: list[int], num_classes: int = 3) -> torch.Tensor:
@@ -30,10 +33,18 @@ def _logged(metrics: StageMetrics, stage: str) -> dict[str, float]:
 def test_val_epoch_logs_stage_case_metrics_and_sample_weighted_loss_means():
     metrics = StageMetrics("multiclass", 3, loss_names=["task_loss", "loss"])
     # batch 1: 3 samples (complete, text missing, image missing), 2 right; batch 2: 1 complete sample, wrong
-    metrics.update("val", _logits([0, 1, 0]), _batch([0, 1, 2], [True, True, False], [True, False, True]),
-                   {"task_loss": torch.tensor(1.0), "loss": torch.tensor(2.0)})
-    metrics.update("val", _logits([1]), _batch([0], [True], [True]),
-                   {"task_loss": torch.tensor(5.0), "loss": torch.tensor(6.0)})
+    metrics.update(
+        "val",
+        _logits([0, 1, 0]),
+        _batch([0, 1, 2], [True, True, False], [True, False, True]),
+        {"task_loss": torch.tensor(1.0), "loss": torch.tensor(2.0)},
+    )
+    metrics.update(
+        "val",
+        _logits([1]),
+        _batch([0], [True], [True]),
+        {"task_loss": torch.tensor(5.0), "loss": torch.tensor(6.0)},
+    )
     logged = _logged(metrics, "val")
     assert logged["val/accuracy"] == pytest.approx(2 / 4)
     assert logged["val/task_loss"] == pytest.approx((3 * 1.0 + 1 * 5.0) / 4)  # weighted by batch size
@@ -46,7 +57,9 @@ def test_val_epoch_logs_stage_case_metrics_and_sample_weighted_loss_means():
 
 def test_cases_without_samples_are_not_logged_and_train_has_no_case_breakdown():
     metrics = StageMetrics("multiclass", 3, loss_names=["loss"])
-    metrics.update("val", _logits([0, 1]), _batch([0, 1], [True, True], [True, True]), {"loss": torch.tensor(1.0)})
+    metrics.update(
+        "val", _logits([0, 1]), _batch([0, 1], [True, True], [True, True]), {"loss": torch.tensor(1.0)}
+    )
     logged = _logged(metrics, "val")
     assert "val/complete/num_samples" in logged and not any("missing/" in key for key in logged)
     metrics.update("train", _logits([0]), _batch([1], [True], [False]))
@@ -62,7 +75,11 @@ def test_nan_loss_stays_nan():
 
 def test_multilabel_threshold_is_used():
     logits = torch.tensor([[1.0, -1.0]])  # probabilities 0.73 and 0.27
-    batch = {"label": torch.tensor([[1.0, 1.0]]), "image_present": torch.tensor([True]), "text_present": torch.tensor([True])}
+    batch = {
+        "label": torch.tensor([[1.0, 1.0]]),
+        "image_present": torch.tensor([True]),
+        "text_present": torch.tensor([True]),
+    }
     low, half = StageMetrics("multilabel", 2, threshold=0.2), StageMetrics("multilabel", 2, threshold=0.5)
     for metrics in (low, half):
         metrics.update("train", logits, batch)

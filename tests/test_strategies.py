@@ -20,7 +20,9 @@ def test_registry_declares_what_each_strategy_needs():
     assert [name for name, s in STRATEGIES.items() if s.needs_predictor] == ["predict"]
     assert [name for name, s in STRATEGIES.items() if s.encodes_filler] == ["dummy_input"]
     assert [name for name, s in STRATEGIES.items() if s.learned_stand_in] == ["learned"]
-    with pytest.raises(ValueError, match=r"missing_strategy: unknown strategy 'mean'; expected one of \['predict'"):
+    with pytest.raises(
+        ValueError, match=r"missing_strategy: unknown strategy 'mean'; expected one of \['predict'"
+    ):
         get_strategy("mean")
 
 
@@ -37,7 +39,9 @@ def test_learned_vectors_under_complete_training_are_warned_about():
     assert message and "never receive a gradient" in message
     assert untrained_stand_in_warning(get_strategy("learned"), 0.7) is None
     assert untrained_stand_in_warning(get_strategy("learned"), None) is None  # unknown rate: no claim
-    assert all(untrained_stand_in_warning(get_strategy(n), 0.0) is None for n in ("predict", "zero", "dummy_input"))
+    assert all(
+        untrained_stand_in_warning(get_strategy(n), 0.0) is None for n in ("predict", "zero", "dummy_input")
+    )
 
 
 @pytest.mark.parametrize("train_rate", [0.0, 0.5])
@@ -51,14 +55,27 @@ def test_complete_training_warns_that_learned_vectors_stay_untrained(tmp_path, t
     from tests.method_fixtures import tiny_system
 
     data = HatefulMemesDataModule(
-        root=str(make_hateful_memes(tmp_path)), image_encoder="test_vit", text_encoder="tiny-bert", image_size=32,
-        batch_size=8, num_workers=0, missing_table_dir=str(tmp_path / "tables"),
+        root=str(make_hateful_memes(tmp_path)),
+        image_encoder="test_vit",
+        text_encoder="tiny-bert",
+        image_size=32,
+        batch_size=8,
+        num_workers=0,
+        missing_table_dir=str(tmp_path / "tables"),
         train_missing={"missing_rate": train_rate, "missing_type": "both"},
     )
     model = tiny_system(task="binary", num_classes=2, missing_strategy="learned", predictor_length=0)
     before = model.missing_fill.missing_image.detach().clone()
-    trainer = Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, datamodule=data)

@@ -21,22 +21,57 @@ import cli
 from tests.fixtures_data import make_arrow_tables, make_food101, make_hateful_memes
 
 TINY_MODEL = [
-    "--model", "lightning_modules.system.UnipairSystem",
-    "--model.init_args.image_backbone", "test_vit", "--model.init_args.text_backbone", "tiny-bert",
-    "--model.init_args.pretrained", "false", "--model.init_args.img_size", "32",
-    "--model.init_args.prompt_length", "2", "--model.init_args.prompt_depth", "2",
-    "--model.init_args.predictor_length", "2", "--model.init_args.predictor_hidden_dim", "16",
-    "--model.init_args.head_hidden_dim", "16",
+    "--model",
+    "lightning_modules.system.UnipairSystem",
+    "--model.init_args.image_backbone",
+    "test_vit",
+    "--model.init_args.text_backbone",
+    "tiny-bert",
+    "--model.init_args.pretrained",
+    "false",
+    "--model.init_args.img_size",
+    "32",
+    "--model.init_args.prompt_length",
+    "2",
+    "--model.init_args.prompt_depth",
+    "2",
+    "--model.init_args.predictor_length",
+    "2",
+    "--model.init_args.predictor_hidden_dim",
+    "16",
+    "--model.init_args.head_hidden_dim",
+    "16",
 ]
 
 
-def _args(tmp: Path, root: Path, *extra: str, data: str = "datamodules.hateful_memes.HatefulMemesDataModule") -> list[str]:
+def _args(
+    tmp: Path, root: Path, *extra: str, data: str = "datamodules.hateful_memes.HatefulMemesDataModule"
+) -> list[str]:
     return [
-        *TINY_MODEL, "--data", data, "--data.root", str(root),
-        "--data.num_workers", "0", "--data.batch_size", "4", "--data.missing_table_dir", str(tmp / "tables"),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-        "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.default_root_dir", str(tmp / "root"),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra,
+        *TINY_MODEL,
+        "--data",
+        data,
+        "--data.root",
+        str(root),
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "4",
+        "--data.missing_table_dir",
+        str(tmp / "tables"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp / "runs"),
+        "--trainer.default_root_dir",
+        str(tmp / "root"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
     ]
 
 
@@ -66,7 +101,10 @@ def memes(tmp_path) -> Path:
     "extra, named",
     [
         (["--model.init_args.warmup_fraction", "1.5"], "warmup_fraction must be in [0, 1), got 1.5"),
-        (["--data.init_args.train_missing", "{missing_rate: 1.5}"], "data.train_missing.missing_rate must be a number in [0, 1]"),
+        (
+            ["--data.init_args.train_missing", "{missing_rate: 1.5}"],
+            "data.train_missing.missing_rate must be a number in [0, 1]",
+        ),
         (["--data.init_args.batch_size", "0"], "batch_size must be an integer >= 1, got 0"),
         (["--data.root", "/no/such/root"], "data.root: folder /no/such/root does not exist"),
     ],
@@ -94,8 +132,14 @@ def test_bad_row_in_a_dataset_file_names_file_line_and_field(tmp_path, memes, ca
 def test_unreadable_image_in_a_loader_worker_is_one_message(tmp_path, memes, capsys):
     for image in (memes / "img").iterdir():
         image.write_bytes(b"not an image")
-    message = _exit(["fit", *_args(tmp_path, memes, "--trainer.fast_dev_run", "true", "--data.num_workers", "1")], capsys)
-    assert "DataLoader worker" not in message and "field 'image'" in message and "could not be decoded" in message
+    message = _exit(
+        ["fit", *_args(tmp_path, memes, "--trainer.fast_dev_run", "true", "--data.num_workers", "1")], capsys
+    )
+    assert (
+        "DataLoader worker" not in message
+        and "field 'image'" in message
+        and "could not be decoded" in message
+    )
 
 
 def test_missing_column_names_the_table_and_column(tmp_path, capsys):
@@ -107,7 +151,10 @@ def test_missing_column_names_the_table_and_column(tmp_path, capsys):
         table = pa.ipc.open_file(source).read_all().drop_columns(["text"])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    message = _exit(["fit", *_args(tmp_path, root, "--data.init_args.format", "arrow", "--trainer.fast_dev_run", "true")], capsys)
+    message = _exit(
+        ["fit", *_args(tmp_path, root, "--data.init_args.format", "arrow", "--trainer.fast_dev_run", "true")],
+        capsys,
+    )
     assert "hatememes_train.arrow lacks column(s) ['text']" in message
 
 
@@ -116,7 +163,9 @@ def test_missing_column_names_the_table_and_column(tmp_path, capsys):
 
 def test_missing_and_foreign_checkpoints_are_named(tmp_path, memes, capsys):
     absent = tmp_path / "absent.ckpt"
-    assert f"--ckpt_path {absent}: file does not exist" in _exit(["test", *_args(tmp_path, memes), "--ckpt_path", str(absent)], capsys)
+    assert f"--ckpt_path {absent}: file does not exist" in _exit(
+        ["test", *_args(tmp_path, memes), "--ckpt_path", str(absent)], capsys
+    )
     foreign = tmp_path / "weights.ckpt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     message = _exit(["test", *_args(tmp_path, memes), "--ckpt_path", str(foreign)], capsys)
@@ -126,11 +175,24 @@ def test_missing_and_foreign_checkpoints_are_named(tmp_path, memes, capsys):
 @pytest.mark.slow
 def test_checkpoint_of_another_dataset_is_one_message(tmp_path, memes, capsys):
     with patch.object(sys, "argv", ["unipair"]):
-        cli.cli_main(["fit", *_args(tmp_path, memes, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")])
+        cli.cli_main(
+            ["fit", *_args(tmp_path, memes, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")]
+        )
     (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
     food = make_food101(tmp_path)
-    message = _exit(["test", *_args(tmp_path, food, data="datamodules.food101.Food101DataModule"), "--ckpt_path", str(ckpt)], capsys)
-    assert "checkpoint does not match this UnipairSystem configuration" in message and "'num_classes': (2, 101)" in message
+    message = _exit(
+        [
+            "test",
+            *_args(tmp_path, food, data="datamodules.food101.Food101DataModule"),
+            "--ckpt_path",
+            str(ckpt),
+        ],
+        capsys,
+    )
+    assert (
+        "checkpoint does not match this UnipairSystem configuration" in message
+        and "'num_classes': (2, 101)" in message
+    )
 
 
 # ---------------------------------------------------------------------------------- predict input
@@ -139,8 +201,14 @@ def test_checkpoint_of_another_dataset_is_one_message(tmp_path, memes, capsys):
 @pytest.mark.parametrize(
     "rows, named",
     [
-        ([{"text": "fine"}, {"image": "absent.png"}], r"rows.jsonl line 2: field 'image': file {folder}/absent.png does not exist"),
-        ([{"text": "fine"}, {"text": "x"}, {"image": "broken.png"}], r"rows.jsonl line 3 (id '3'): field 'image': "),
+        (
+            [{"text": "fine"}, {"image": "absent.png"}],
+            r"rows.jsonl line 2: field 'image': file {folder}/absent.png does not exist",
+        ),
+        (
+            [{"text": "fine"}, {"text": "x"}, {"image": "broken.png"}],
+            r"rows.jsonl line 3 (id '3'): field 'image': ",
+        ),
         (['{"text": "unterminated'], "rows.jsonl line 1: not valid JSON"),
         ([{"text": "fine"}, {"img": "red.png"}], "rows.jsonl line 2: unknown field(s) ['img']"),
     ],
@@ -182,10 +250,13 @@ def test_debug_switch_shows_the_traceback_of_a_user_error(tmp_path, memes, monke
 def test_worker_messages_are_unwrapped():
     wrapped = (
         "Caught BadSampleError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "/x/torch/utils/data/_utils/worker.py", line 1, in _worker_loop\n    data = fetcher.fetch(index)\n'
+        '  File "/x/torch/utils/data/_utils/worker.py", line 1, in _worker_loop\n'
+        "    data = fetcher.fetch(index)\n"
         f'  File "{cli.SOURCE_ROOT}/datamodules/base.py", line 9, in __getitem__\n    raise BadSampleError(\n'
         "datamodules.base.BadSampleError: train sample '7': field 'image' could not be decoded\n"
     )
-    assert cli.user_error_message(ValueError(wrapped)) == "train sample '7': field 'image' could not be decoded"
+    assert (
+        cli.user_error_message(ValueError(wrapped)) == "train sample '7': field 'image' could not be decoded"
+    )
     library = wrapped.replace(f"{cli.SOURCE_ROOT}/datamodules", "/x/site-packages/pil")
     assert cli.user_error_message(ValueError(library)) is None
