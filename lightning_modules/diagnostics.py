@@ -4,8 +4,8 @@
 (``image``: ẑ_v predicted from the text; ``text``: ẑ_t predicted from the image):
 
 * ``cos_<m>``: mean cosine similarity between ẑ_m and z_m;
-* ``std_ratio_<m>``: mean over dimensions of std(ẑ_m) / std(z_m) (1 = the prediction has the
-  target's spread; the head was trained on z_m's spread);
+* ``std_ratio_<m>``: median over dimensions of std(ẑ_m) / std(z_m) (1 = the prediction has the
+  target's spread; the head was trained on z_m's spread), over the dimensions where z_m varies;
 * ``substitution_accuracy_<m>``: the fusion head's accuracy when z_m is replaced by ẑ_m on a complete
   sample ([ẑ_v; z_t] for ``image``, [z_v; ẑ_t] for ``text``): how well the stand-in works for the
   head, separately from how often the other modality is missing. Multilabel: label-wise accuracy at
@@ -83,7 +83,12 @@ class PredictionDiagnostics(Metric):
                 return ((squares - total.pow(2) / n) / (n - 1)).clamp_min(0.0).sqrt()
 
             values[f"cos_{direction}"] = getattr(self, f"cos_{direction}") / n
-            values[f"std_ratio_{direction}"] = (std("pred") / std("true").clamp_min(1e-12)).mean()
+            # The median over dimensions, leaving out those where z barely varies: a pretrained
+            # embedding can have near-constant dimensions, whose ratios would dominate a mean.
+            true_std = std("true")
+            informative = true_std > 1e-3 * true_std.max().clamp_min(1e-12)
+            ratios = std("pred")[informative] / true_std[informative]
+            values[f"std_ratio_{direction}"] = ratios.median() if ratios.numel() else torch.tensor(float("nan"))
             values[f"substitution_accuracy_{direction}"] = getattr(self, f"correct_{direction}") / n
         values["num_samples"] = self.count
         return {name: value.float() for name, value in values.items()}

@@ -350,3 +350,18 @@ def test_optimizer_groups_and_schedule(schedule):
         assert lrs()["encoder"] == pytest.approx(1e-2)
     else:
         assert lrs()["encoder"] < 1e-3  # decayed towards 0 near the end
+
+
+def test_std_ratio_is_the_median_over_dimensions_where_the_target_varies():
+    from lightning_modules.diagnostics import PredictionDiagnostics
+
+    generator = torch.Generator().manual_seed(7)
+    z = torch.randn(50, 4, generator=generator)
+    z[:, 3] = 5.0  # a constant dimension (a pretrained embedding can have some): left out
+    zhat = z.clone()
+    zhat[:, :3] *= torch.tensor([0.5, 0.5, 2.0])
+    zhat[:, 3] += 0.1 * torch.randn(50, generator=generator)
+    metric = PredictionDiagnostics(4, 4)
+    logits = {"image": torch.zeros(50, 3), "text": torch.zeros(50, 3)}
+    metric.update({"z_v": z, "zhat_v": zhat, "z_t": z, "zhat_t": zhat}, logits, torch.zeros(50), torch.ones(50, dtype=torch.bool))
+    assert metric.compute()["std_ratio_text"] == pytest.approx(0.5, rel=1e-4)
