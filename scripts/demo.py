@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to train")
     parser.add_argument("--encoders-config", default=str(CONFIGS / "model" / "encoders" / "offline.yaml"),
                         help="encoder config (default: offline)")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="train nothing: tabulate the latest run folders under --out (e.g. after changing the report)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further `unipair fit` options for every model")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
@@ -202,6 +204,16 @@ def validation_curve(run: Path, metric: str) -> list[float]:
     return [event.value for event in events.Scalars(tag)]
 
 
+def model_config(run: Path) -> str:
+    """The run's saved config without the ``fit`` subcommand's own keys, as a YAML string."""
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    for key in ("ckpt_path", "weights_only"):
+        config.pop(key, None)
+    return yaml.safe_dump(config)
+
+
 def oracle_rows(out: Path, runs: dict[str, Path], rates: list[float]) -> list[dict]:
     """The ceiling over the grid: complete samples by the baseline, the others by the unimodal models."""
     import torch
@@ -213,7 +225,7 @@ def oracle_rows(out: Path, runs: dict[str, Path], rates: list[float]) -> list[di
     logits, labels, complete, both_ratio = {}, None, None, 0.5
     for name in (BASELINE, "oracle_image", "oracle_text"):
         run = runs[name]
-        parsed = make_cli(["--config", str(run / "config.yaml")], run=False)
+        parsed = make_cli(["--config", model_config(run)], run=False)
         model = parsed.model
         if name == BASELINE:  # its test split and missing tables are the ones the sweeps used
             both_ratio = parsed.datamodule.missing["test"].both_ratio
@@ -296,7 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(args.models)
-    done = run_jobs(args, out, names, started)
+    if args.reuse_runs:
+        done = {name: {"run": _latest_run(out, name), "reused": True} for name in names}
+    else:
+        done = run_jobs(args, out, names, started)
     training_wall = time.perf_counter() - started
     results: dict[str, list[dict]] = {}
     metric = "accuracy"
@@ -332,6 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"- {name}: {' → '.join(f'{v:.3f}' for v in curve)} (last-epoch gain {gain})")
     lines += ["", "Time:", ""]
     for name, job in done.items():
+        if job.get("reused"):
+            lines.append(f"- {name}: reused {job['run']} (not trained in this run)")
+            continue
         lines.append(f"- {name}: training {job['train_s']:.0f} s" + (f", robustness sweep {job['eval_s']:.0f} s"
                                                                     if "eval_s" in job else ""))
     total = time.perf_counter() - started
