@@ -62,9 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil as common  # noqa: E402  (puts the project root on sys.path)
 import torch  # noqa: E402
 
+from lightning_modules.readonly_attention import READONLY_GRADS  # noqa: E402
+
 PEFT_MODES = ("prompt", "bitfit", "lora", "full", "frozen")
 DEFAULT_PREDICTOR_LENGTH = 8
-READONLY_GRADS = ("through", "detach")
 PROMPT_FULL_TARGET = 0.67  # issue 12: prompt / full training-step time on CPU and GPU
 # AdamW implementations; "default" is torch's own choice (foreach on CUDA, the for-loop on CPU).
 ADAMW_IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
@@ -146,7 +147,7 @@ def build_system(cfg: dict, workdir: Path):
         image_peft=cfg["mode"],
         text_peft=cfg["mode"],
         predictor_length=cfg["predictor_length"],
-        readonly_grad=cfg.get("readonly_grad") or default_readonly_grad(),
+        readonly_grad=cfg["readonly_grad"],
         missing_strategy=cfg["strategy"],
         text_pooling=encoders["text_pooling"],
         predictor_hidden_dim=encoders["hidden_dim"],
@@ -369,13 +370,13 @@ def profile_split(work: Workload) -> dict:
 
 
 def measure_times(
-    works: list[Workload], warmup: int, steps: int, infer_steps: int, profile: bool = True
+    works: list[Workload], warmup: int, steps: int, infer_steps: int, with_profile: bool = True
 ) -> list[dict]:
     """Training-step and inference times of all configurations, interleaved in one process.
 
     Round-robin (one step of each configuration per round) so that every configuration sees the
     same machine load, which matters on a shared CPU. Wall time and process CPU time are recorded;
-    the dense matmul rate is measured between rounds and its median reported. With ``profile``,
+    the dense matmul rate is measured between rounds and its median reported. With ``with_profile``,
     one more training step of each is profiled and split by operator category.
     """
     device = works[0].device
@@ -410,7 +411,7 @@ def measure_times(
             "infer_batch_s_all": infer[i],
             "infer_samples_per_s": b / infer_s,
         })
-        if profile:
+        if with_profile:
             out[-1]["profile"] = profile_split(work)
     rate = common.median(rates)
     for row in out:
@@ -855,8 +856,8 @@ def main(argv: list[str] | None = None) -> dict:
     grad = default_readonly_grad()
     with tempfile.TemporaryDirectory(prefix="unipair-bench-") as workdir:
         works = [Workload(cfg, Path(workdir)) for cfg in timed_cfgs]
-        profile = not args.no_profile
-        timed = measure_times(works, args.warmup, args.steps, args.infer_steps, profile) if works else []
+        with_profile = not args.no_profile
+        timed = measure_times(works, args.warmup, args.steps, args.infer_steps, with_profile) if works else []
         times = iter(timed)
         rows = [st if "error" in st else finish_row(st, next(times)) for st in statics]
         main_rows = {w.cfg["mode"]: w for w in works if w.cfg["readonly_grad"] == grad
