@@ -17,7 +17,12 @@ from torch import nn
 
 from lightning_modules.peft_modes import TEXT_LORA_TARGETS, apply_peft_mode, check_peft_mode
 from lightning_modules.prompts import EncoderOutput, PromptedEncoder, build_prompt_modules
-from lightning_modules.readonly_attention import BertLayerAttention, ReadonlyGrad, check_readonly_grad, run_layer
+from lightning_modules.readonly_attention import (
+    BertLayerAttention,
+    ReadonlyGrad,
+    check_readonly_grad,
+    run_layer,
+)
 
 TEXT_POOLINGS: tuple[str, ...] = ("cls", "mean")
 
