@@ -32,10 +32,10 @@ demo: assets ## Install, then train the method, the plain zero baseline and the 
 	$(PY) scripts/demo.py --out runs/demo
 
 bench: assets ## Efficiency per PEFT mode (params, throughput, memory, FLOPs): runs/bench/bench.json.
-	$(PY) benchmarks/bench.py
+	$(PY) -m benchmarks.bench
 
 ablation: assets ## Emoji ablation v2 (plain baselines, method switches, oracle; 5 seeds; resumable): runs/ablation/
-	$(PY) benchmarks/ablation.py
+	$(PY) -m benchmarks.ablation
 
 test: assets ## Install, then run the fast test suite.
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)

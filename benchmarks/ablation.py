@@ -46,7 +46,7 @@ test type, rate, metric, value; paired differences, gap closed, diagnostics, def
 
 Data: the emoji DataModule's splits, tokens, transforms and missing tables (label set ``--label``:
 ``group``, 9 classes, or ``subgroup``, 58), decoded once into tensors (``<out>/data-*.pt``) that
-every cell reuses (on the training device); or ``--pack`` (see ``benchmarks/device_pack.py``) on a
+every cell reuses (on the training device); or ``--pack`` (see ``benchmarks.device_pack``) on a
 machine without the asset cache.
 """
 
@@ -67,9 +67,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchutil  # noqa: E402  (puts the project root on sys.path)
-import torch  # noqa: E402
+import torch
+
+from benchmarks import benchutil
+from benchmarks.emoji_tensors import build_tensors_from_datamodule
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "complete": {"train_missing": {"missing_rate": 0.0, "missing_type": "both"}},
@@ -143,15 +144,9 @@ def variant_group(variant: str) -> str:
 
 
 PRIMARY_METRIC = "accuracy"
-# Encoders of the run: the demo's (pretrained, offline cache or device pack), or tiny random ones
-# for the smoke tests (timm test_vit + tiny-bert, with small prompt/head sizes).
-ENCODERS: dict[str, dict[str, Any]] = {
-    # Sizes pinned (the system's defaults when the ablation was first run) so cells stay comparable.
-    "demo": {"image_backbone": "dinov2-s14", "text_backbone": "minilm-l6", "pretrained": True, "prompt_length": 16,
-             "prompt_depth": 6, "predictor_length": 8, "predictor_hidden_dim": 256, "head_hidden_dim": 256},
-    "tiny": {"image_backbone": "test_vit", "text_backbone": "tiny-bert", "pretrained": False, "prompt_length": 2,
-             "prompt_depth": 2, "predictor_length": 2, "predictor_hidden_dim": 16, "head_hidden_dim": 16},
-}
+# Encoders of the run (``benchutil.encoder_preset``): the demo's (pretrained, offline cache or device
+# pack), or tiny random ones for the smoke tests.
+ENCODER_PRESETS = ("demo", "tiny")
 JSON_FORMAT_VERSION = 2
 
 
@@ -160,59 +155,6 @@ JSON_FORMAT_VERSION = 2
 
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"image_size": args.image_size, "max_text_len": args.max_text_len, "label": args.label, "missing_seed": 0}
-
-
-def build_tensors_from_datamodule(settings: dict[str, Any], root: str | None) -> dict[str, Any]:
-    """Decode the emoji splits through ``EmojiDataModule`` into tensors, with the protocol's presence masks.
-
-    Images and tokens are exactly what the DataModule's loaders yield: its dataset items (per-sample
-    transform, tokens) through its own collate function (batched normalisation, padding); the
-    presence masks come from its missing tables (persisted next to the data, seed ``missing_seed``).
-    """
-    from datamodules.emoji import EmojiDataModule
-
-    common = {"root": root, "image_size": settings["image_size"], "max_text_len": settings["max_text_len"],
-              "label": settings["label"], "missing_seed": settings["missing_seed"], "num_workers": 0}
-    complete = EmojiDataModule(**common)
-    complete.setup()
-    collate = complete.collate_fn()
-    splits = {}
-    for split in ("train", "val", "test"):
-        ds = complete.datasets[split]
-        items = [ds[i] for i in range(len(ds))]
-        if not all(item["image_present"] and item["text_present"] for item in items):
-            raise RuntimeError(f"emoji {split}: expected every sample complete at eta = 0")
-        batch = collate(items)
-        if batch["id"] != list(ds.ids):
-            raise RuntimeError(f"emoji {split}: collated ids differ from the dataset's order")
-        splits[split] = {
-            "ids": list(ds.ids), "keys": list(ds.keys), "labels": batch["label"], "images": batch["image"],
-            "input_ids": batch["input_ids"], "lengths": batch["attention_mask"].sum(dim=1),
-        }
-    presence = {}
-    for missing_type in ("text", "image", "both"):
-        setting = {"missing_rate": 0.7, "missing_type": missing_type}
-        dm = EmojiDataModule(**common, train_missing=setting, val_missing=setting, test_missing=setting)
-        dm.setup()
-        for split in ("train", "val", "test"):
-            ds = dm.datasets[split]
-            if list(ds.ids) != splits[split]["ids"]:
-                raise RuntimeError(f"emoji {split}: sample order differs between DataModule constructions")
-            presence[f"{split}/{missing_type}/0.7"] = (
-                torch.from_numpy(ds.image_present.copy()), torch.from_numpy(ds.text_present.copy())
-            )
-    empty = complete.datasets["train"].empty_text_ids
-    return {
-        "settings": settings,
-        "source": "EmojiDataModule",
-        "label_names": list(complete.label_names),
-        "num_classes": int(complete.num_classes),
-        "pad_id": int(complete.tokenizer.pad_token_id),
-        "empty_ids": [int(t) for t in empty.tolist()],
-        "transform": repr(complete.datasets["train"].transform),
-        "splits": splits,
-        "presence": presence,
-    }
 
 
 def load_data(args: argparse.Namespace) -> Path:
@@ -228,7 +170,7 @@ def load_data(args: argparse.Namespace) -> Path:
         return path
     started = time.perf_counter()
     if args.pack:
-        from device_pack import tensors_from_pack
+        from benchmarks.device_pack import tensors_from_pack
 
         data = tensors_from_pack(Path(args.pack), settings)
     else:
@@ -285,7 +227,7 @@ def cell_list(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
     """Everything besides the cell that decides its result (part of the cell file name)."""
-    encoders = ENCODERS[args.encoders]
+    encoders = benchutil.encoder_preset(args.encoders)
     return {
         "image_backbone": encoders["image_backbone"], "text_backbone": encoders["text_backbone"], "peft": args.peft,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -397,7 +339,7 @@ def build_system(cell: dict, args: argparse.Namespace, data: dict):
     peft = {"image_peft": args.peft, "text_peft": args.peft}
     peft.update({k: options.pop(k) for k in ("image_peft", "text_peft") if k in options})
     options.pop("missing_strategy", None)
-    kwargs = dict(ENCODERS[args.encoders])
+    kwargs = benchutil.encoder_preset(args.encoders)
     if args.prompt_length:
         kwargs["prompt_length"] = args.prompt_length
     kwargs.update(
@@ -405,7 +347,7 @@ def build_system(cell: dict, args: argparse.Namespace, data: dict):
         missing_strategy=cell["strategy"], lr=args.lr, head_lr=args.lr, **peft, **options,
     )
     if args.pack:
-        from device_pack import system_from_pack
+        from benchmarks.device_pack import system_from_pack
 
         return system_from_pack(Path(args.pack), kwargs)
     with benchutil.quiet_warnings():
@@ -917,9 +859,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="recorded in ablation.json, e.g. where cells trained elsewhere come from")
     parser.add_argument("--limit-train-samples", type=int, default=0, help="train on the first N samples only (tests)")
     parser.add_argument("--root", default=None, help="unipair cache folder holding emoji/ (default $UNIPAIR_CACHE)")
-    parser.add_argument("--pack", default=None, help="device pack folder (benchmarks/device_pack.py) instead of the cache")
-    parser.add_argument("--encoders", choices=sorted(ENCODERS), default="demo",
-                        help="demo: dinov2-s14 + minilm-l6 (pretrained); tiny: random test_vit + tiny-bert (smoke tests)")
+    parser.add_argument("--pack", default=None, help="device pack folder (benchmarks.device_pack) instead of the cache")
+    parser.add_argument("--encoders", choices=ENCODER_PRESETS, default="demo",
+                        help="encoder preset: demo = configs/model/encoders/offline.yaml (pretrained), "
+                             "tiny = configs/model/encoders/tiny.yaml (random; smoke tests)")
     parser.add_argument("--data", default=None, help="a prepared data tensor file (as written to <out>/data-*.pt)")
     parser.add_argument("--out", default=str(benchutil.ROOT / "runs" / "ablation"))
     args = parser.parse_args(argv)

@@ -39,10 +39,10 @@ both random-initialised (speed does not depend on the weights).
 
 Usage::
 
-    python benchmarks/bench.py                      # demo encoders, CPU: batch 8, 112 px, 16 tokens
-    python benchmarks/bench.py --paper
-    python benchmarks/bench.py --random-init --device cuda --batch-size 64 --text-len 32
-    TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/bench.py --threads 1 --compile-check
+    python -m benchmarks.bench                      # demo encoders, CPU: batch 8, 112 px, 16 tokens
+    python -m benchmarks.bench --paper
+    python -m benchmarks.bench --random-init --device cuda --batch-size 64 --text-len 32
+    TORCHINDUCTOR_COMPILE_THREADS=1 python -m benchmarks.bench --threads 1 --compile-check
 """
 
 from __future__ import annotations
@@ -58,11 +58,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchutil as common  # noqa: E402  (puts the project root on sys.path)
-import torch  # noqa: E402
+import torch
 
-from lightning_modules.readonly_attention import READONLY_GRADS  # noqa: E402
+from benchmarks import benchutil as common
+from lightning_modules.readonly_attention import READONLY_GRADS
 
 PEFT_MODES = ("prompt", "bitfit", "lora", "full", "frozen")
 DEFAULT_PREDICTOR_LENGTH = 8
@@ -76,21 +75,8 @@ OPTIMIZER_SCOPE = "bench: optimizer step"
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0  # BERT-family special ids (MiniLM's and BERT-base's tokenizers)
 WORD_IDS = (1996, 29000)  # range of ordinary word-piece ids in the BERT uncased vocabulary
 
-ENCODER_SETS: dict[str, dict[str, Any]] = {
-    "demo": {
-        "image_backbone": "dinov2-s14", "text_backbone": "minilm-l6", "text_arch": "minilm-l6",
-        "text_pooling": "mean", "hidden_dim": 256,
-    },
-    "paper": {
-        "image_backbone": "vit_base_patch16_224", "text_backbone": None, "text_arch": "bert-base",
-        "text_pooling": "cls", "hidden_dim": 768,
-    },
-    # For the smoke tests: timm's tiny test ViT and the 2-layer tiny-bert, random.
-    "tiny": {
-        "image_backbone": "test_vit", "text_backbone": "tiny-bert", "text_arch": "tiny-bert",
-        "text_pooling": "cls", "hidden_dim": 16,
-    },
-}
+# Encoder presets (``common.encoder_preset``): demo = offline.yaml, paper = paper.yaml, tiny = tiny.yaml.
+ENCODER_PRESETS = ("demo", "paper", "tiny")
 
 
 # ------------------------------------------------------------------------------ one configuration
@@ -131,12 +117,15 @@ def synthetic_batch(batch_size: int, image_size: int, text_len: int, device: tor
 
 def build_system(cfg: dict, workdir: Path):
     """The UnipairSystem of one configuration (random-initialised where ``cfg['pretrained']`` is False)."""
+    from lightning_modules.encoders.sources import default_text_pooling
     from lightning_modules.system import UnipairSystem
 
-    encoders = ENCODER_SETS[cfg["encoders"]]
+    encoders = common.encoder_preset(cfg["encoders"])
     text_backbone = encoders["text_backbone"]
-    if (not cfg["pretrained"] or text_backbone is None) and encoders["text_arch"] in common.TEXT_CONFIGS:
-        text_backbone = common.text_config_folder(encoders["text_arch"], workdir / encoders["text_arch"])
+    text_pooling = default_text_pooling(text_backbone)
+    if not cfg["pretrained"] and text_backbone in common.TEXT_CONFIGS:
+        # The architecture without weights, tokenizer or hub access: a config folder.
+        text_backbone = common.text_config_folder(text_backbone, workdir / text_backbone)
     return UnipairSystem(
         task="multiclass",
         num_classes=9,
@@ -149,9 +138,11 @@ def build_system(cfg: dict, workdir: Path):
         predictor_length=cfg["predictor_length"],
         readonly_grad=cfg["readonly_grad"],
         missing_strategy=cfg["strategy"],
-        text_pooling=encoders["text_pooling"],
-        predictor_hidden_dim=encoders["hidden_dim"],
-        head_hidden_dim=encoders["hidden_dim"],
+        text_pooling=text_pooling,
+        prompt_length=encoders["prompt_length"],
+        prompt_depth=encoders["prompt_depth"],
+        predictor_hidden_dim=encoders["predictor_hidden_dim"],
+        head_hidden_dim=encoders["head_hidden_dim"],
         lr=1e-3,
     )
 
@@ -584,7 +575,7 @@ def row_label(row: dict) -> str:
 
 def run_isolated(cfg: dict) -> dict:
     """Measure ``cfg`` in a fresh Python process (its peak RSS is then its own)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
+    command = [sys.executable, "-m", "benchmarks.bench", "--worker", json.dumps(cfg)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=common.ROOT)
     if result.returncode != 0:
         raise RuntimeError(
@@ -782,7 +773,7 @@ def markdown(document: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="ViT-B/16 + BERT-base (random init): same as --encoders paper")
-    parser.add_argument("--encoders", choices=sorted(ENCODER_SETS), default="demo",
+    parser.add_argument("--encoders", choices=ENCODER_PRESETS, default="demo",
                         help="demo: dinov2-s14 + minilm-l6; paper: ViT-B/16 + BERT-base; tiny: test_vit + tiny-bert (tests)")
     parser.add_argument("--random-init", action="store_true", help="demo encoder architectures without their weights")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -876,13 +867,13 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as error:  # a compiler failure is a result to report, not a crash of the bench
                 compiled = {"mode": timed_cfgs[0]["mode"], "error": f"{type(error).__name__}: {error}"}
     good = [r for r in rows if "error" not in r]
-    encoders = ENCODER_SETS[args.encoders]
+    encoders = common.encoder_preset(args.encoders)
     document = {
         "format_version": 1,
         "header": header,
         "settings": {
             "image_backbone": encoders["image_backbone"],
-            "text_arch": encoders["text_arch"],
+            "text_arch": encoders["text_backbone"],
             "encoders": args.encoders,
             "pretrained": args.encoders == "demo" and not args.random_init,
             "batch_size": args.batch_size,

@@ -20,11 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the scripts run as `python benchmarks/x.py`: make the project importable
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Architectures of the text encoders as plain BertConfig keyword arguments, so they can be built
 # randomly initialised without their weights, tokenizer or the package that ships them.
@@ -36,7 +34,34 @@ BERT_BASE_CONFIG = {  # bert-base-uncased
     "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
     "intermediate_size": 3072, "max_position_embeddings": 512,
 }
-TEXT_CONFIGS = {"minilm-l6": MINILM_L6_CONFIG, "bert-base": BERT_BASE_CONFIG}
+# Keyed by the text backbone names of the encoder presets.
+TEXT_CONFIGS = {"minilm-l6": MINILM_L6_CONFIG, "bert-base-uncased": BERT_BASE_CONFIG}
+
+
+ENCODER_PRESET_FILES = {"demo": "offline", "paper": "paper", "tiny": "tiny"}
+PRESET_KEYS = ("image_backbone", "text_backbone", "pretrained", "prompt_length", "prompt_depth", "predictor_length",
+               "predictor_hidden_dim", "head_hidden_dim")
+
+
+def encoder_preset(name: str) -> dict[str, Any]:
+    """The encoders and sizes of preset ``name`` (a key of ENCODER_PRESET_FILES), as ``UnipairSystem`` gets them.
+
+    Read from ``configs/model/encoders/<file>.yaml``, the files users compose, with what a file leaves
+    out taken from ``UnipairSystem``'s defaults, so a benchmark trains what the configs train. The
+    image size is not part of it: every benchmark sets its own.
+    """
+    import inspect
+
+    import yaml
+
+    from lightning_modules.system import UnipairSystem
+
+    if name not in ENCODER_PRESET_FILES:
+        raise ValueError(f"unknown encoder preset {name!r}; expected one of {sorted(ENCODER_PRESET_FILES)}")
+    path = ROOT / "configs" / "model" / "encoders" / f"{ENCODER_PRESET_FILES[name]}.yaml"
+    init_args = yaml.safe_load(path.read_text(encoding="utf-8"))["model"]["init_args"]
+    defaults = inspect.signature(UnipairSystem.__init__).parameters
+    return {key: init_args.get(key, defaults[key].default) for key in PRESET_KEYS}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,11 +175,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def command_line() -> str:
+    """This process's command as typed: ``python -m benchmarks.x ...`` for a module run."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *program, *sys.argv[1:]])
+
+
 def run_header(device: torch.device) -> dict[str, Any]:
     """Machine, date and command of this run (the header of every JSON the benchmarks write)."""
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "git_commit": git_commit(),
         "machine": machine_info(device),
     }

@@ -21,9 +21,9 @@ no unipair cache, and what travels to it is limited to 64 MiB. The pack holds (a
 
 Export here (needs the cache: ``make assets``)::
 
-    python benchmarks/device_pack.py --out runs/device_pack --image-size 112
+    python -m benchmarks.device_pack --out runs/device_pack --image-size 112
 
-then carry ``runs/device_pack`` and run ``benchmarks/ablation.py --pack runs/device_pack``.
+then carry ``runs/device_pack`` and run ``python -m benchmarks.ablation --pack runs/device_pack``.
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchutil  # noqa: E402  (puts the project root on sys.path)
-import torch  # noqa: E402
+from benchmarks import benchutil
 
 PACK_FORMAT_VERSION = 1
 REFERENCE_SAMPLES = 4  # per split: transformed images kept to check the transform where the pack is loaded
@@ -99,7 +98,7 @@ def read_store(prefix: Path) -> tuple[dict[str, np.ndarray], dict]:
     for path in (meta_path, bin_path):
         if not path.is_file():
             raise FileNotFoundError(f"device pack: {path} is missing; export the pack with "
-                                    "`python benchmarks/device_pack.py --out <folder>`")
+                                    "`python -m benchmarks.device_pack --out <folder>`")
     document = json.loads(meta_path.read_text(encoding="utf-8"))
     if document.get("format_version") != PACK_FORMAT_VERSION:
         raise ValueError(f"device pack {meta_path}: format {document.get('format_version')}, expected {PACK_FORMAT_VERSION}")
@@ -180,7 +179,7 @@ def export_pack(out: Path, image_size: int, max_text_len: int, root: str | None)
         "mean": list(config["mean"]), "std": list(config["std"]), "input_size": list(config["input_size"]),
     })
     # The pack's data must be the DataModule's, tensor for tensor.
-    from ablation import build_tensors_from_datamodule
+    from benchmarks.emoji_tensors import build_tensors_from_datamodule
 
     expected, got = build_tensors_from_datamodule(settings, root), tensors_from_pack(out, settings)
     if got["transform_check"] != "identical":
@@ -240,7 +239,7 @@ def _image_transform(image_size: int):
 
 
 def tensors_from_pack(pack: Path, settings: dict) -> dict[str, Any]:
-    """The ablation's data dict (see ``ablation.build_tensors_from_datamodule``) from a pack.
+    """The ablation's data dict (see ``benchmarks.emoji_tensors.build_tensors_from_datamodule``) from a pack.
 
     Images go through the per-sample transform rebuilt from the encoder's data config and the
     project's collate normalisation. ``transform_check`` says whether the transform reproduces the

@@ -4,7 +4,7 @@
 #   and the emoji ablation from the device pack, under a time budget (unfinished cells are listed in
 #   ablation.json and can be finished by a re-run that gets the cells back).
 #
-# Prepare here (CPU, with the asset cache):  .venv/bin/python benchmarks/device_pack.py --out runs/device_pack
+# Prepare here (CPU, with the asset cache):  .venv/bin/python -m benchmarks.device_pack --out runs/device_pack
 # Run there, from the repository root, carrying runs/device_pack (about 53 MiB):
 #   bash benchmarks/device_run.sh
 # Environment: OUT (output folder, default runs/device), PYTHON (default python3),
@@ -45,11 +45,11 @@ elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
 
   if [ "$SKIP_BENCH" != 1 ]; then
   echo "== bench: demo architectures (random init), batch 64, 112 px, 32 tokens"
-  timeout 150 "$PY" benchmarks/bench.py --random-init --device "$DEVICE" --batch-size 64 --image-size 112 --text-len 32 \
+  timeout 150 "$PY" -m benchmarks.bench --random-init --device "$DEVICE" --batch-size 64 --image-size 112 --text-len 32 \
     --warmup 3 --steps 10 --infer-steps 10 $EXTRA_BENCH --out "$OUT/bench_demo_random.json" || echo "device_run: bench (demo) failed: $?"
 
   echo "== bench: paper encoders (ViT-B/16 + BERT-base, random init), batch 64, 224 px, 128 tokens"
-  timeout 180 "$PY" benchmarks/bench.py --paper --device "$DEVICE" --batch-size 64 --image-size 224 --text-len 128 \
+  timeout 180 "$PY" -m benchmarks.bench --paper --device "$DEVICE" --batch-size 64 --image-size 224 --text-len 128 \
     --warmup 3 --steps 10 --infer-steps 10 $EXTRA_BENCH --out "$OUT/bench_paper.json" || echo "device_run: bench (paper) failed: $?"
   fi
   if [ -n "$RESUME_CELLS" ]; then
@@ -63,12 +63,12 @@ elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
   if [ "$budget" -lt 1 ]; then budget=1; fi
   echo "== ablation: ${left}s left, time budget ${budget} min, $JOBS jobs, seeds $SEEDS, $EPOCHS epochs"
   touch "$WORK/ablation_started"
-  timeout $(( left > 70 ? left - 10 : 60 )) "$PY" benchmarks/ablation.py --pack "$PACK" --device "$DEVICE" --jobs "$JOBS" \
+  timeout $(( left > 70 ? left - 10 : 60 )) "$PY" -m benchmarks.ablation --pack "$PACK" --device "$DEVICE" --jobs "$JOBS" \
     --seeds $SEEDS --epochs "$EPOCHS" --batch-size 32 --eval-batch-size 256 --threads 2 --time-budget "$budget" \
     $EXTRA_ABLATION --out "$WORK/ablation" || echo "device_run: ablation ended with $?"
   if [ ! -f "$WORK/ablation/ablation.json" ] || [ "$WORK/ablation/ablation.json" -ot "$WORK/ablation_started" ]; then
     echo "== ablation: tabulating the finished cells"
-    timeout 60 "$PY" benchmarks/ablation.py --pack "$PACK" --device "$DEVICE" --seeds $SEEDS --epochs "$EPOCHS" \
+    timeout 60 "$PY" -m benchmarks.ablation --pack "$PACK" --device "$DEVICE" --seeds $SEEDS --epochs "$EPOCHS" \
       --batch-size 32 --eval-batch-size 256 --aggregate-only $EXTRA_ABLATION --out "$WORK/ablation" || true
   fi
   cp "$WORK/ablation/ablation.json" "$WORK/ablation/ablation.md" "$OUT/" 2>/dev/null || echo "device_run: no ablation.json"

@@ -1,7 +1,7 @@
 """Throughput of the emoji DataLoader alone, optionally next to one training step of the default system.
 
-    python benchmarks/loader_speed.py                       # workers 0 and 2, batch 32, 112 px
-    python benchmarks/loader_speed.py --train-step          # also time a forward+backward+step
+    python -m benchmarks.loader_speed                       # workers 0 and 2, batch 32, 112 px
+    python -m benchmarks.loader_speed --train-step          # also time a forward+backward+step
 
 What is measured, per ``num_workers``: batches per second over full passes of the emoji train split
 (1,335 items, shuffled), first pass (worker start-up included) and later passes (persistent workers),
@@ -23,13 +23,12 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
+from benchmarks import benchutil
+from datamodules.emoji import EmojiDataModule
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python benchmarks/loader_speed.py`
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from datamodules.emoji import EmojiDataModule  # noqa: E402
 
 
 def loader_rates(workers: int, args: argparse.Namespace) -> dict:
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": benchutil.command_line(),
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

@@ -15,8 +15,8 @@ A ``torch.profiler`` table of the operators with the most self CPU time is writt
 
 Usage::
 
-    python benchmarks/profile_step.py                  # batch 8, 112 px, 6 timed steps
-    python benchmarks/profile_step.py --batch-size 32  # the demo's batch
+    python -m benchmarks.profile_step                  # batch 8, 112 px, 6 timed steps
+    python -m benchmarks.profile_step --batch-size 32  # the demo's batch
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchutil  # noqa: E402  (puts the project root on sys.path)
-import torch  # noqa: E402
+import torch
+
+from benchmarks import benchutil
 
 
 def build(args: argparse.Namespace, seed: int = 0):
@@ -49,7 +49,7 @@ def build(args: argparse.Namespace, seed: int = 0):
 
 def data_loader(args: argparse.Namespace):
     if args.synthetic_data:
-        import bench
+        from benchmarks import bench
 
         batch = bench.synthetic_batch(args.batch_size, args.image_size, 12, torch.device("cpu"))
         return None, lambda: batch

@@ -27,7 +27,7 @@ HEAD_PREFIXES: tuple[str, ...] = (
 )
 # nn.Embedding tables that encode positions / segments rather than vocabulary (BERT's naming).
 NO_DECAY_EMBEDDINGS: tuple[str, ...] = ("position_embeddings", "token_type_embeddings")
-# Devices with torch's fused AdamW kernel (benchmarks/bench.py times it against for-loop and foreach).
+# Devices with torch's fused AdamW kernel (benchmarks.bench times it against for-loop and foreach).
 FUSED_ADAMW_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 

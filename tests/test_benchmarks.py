@@ -1,12 +1,11 @@
 """Smoke tests of the benchmark scripts on tiny random models with tiny settings (fields of their JSON).
 
-The scripts live in ``benchmarks/`` (not a package); they are imported by path.
+The scripts are modules of the ``benchmarks`` package (run as ``python -m benchmarks.<name>``).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,13 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-
-import ablation  # noqa: E402
-import bench  # noqa: E402
-import device_pack  # noqa: E402
-import profile_step  # noqa: E402
+from benchmarks import ablation, bench, device_pack, profile_step
 
 
 @pytest.fixture(autouse=True)
