@@ -31,8 +31,10 @@ image-only model does. The unimodal models are built with the same system, encod
 head: ``oracle_image`` is trained with the text missing on *every* sample and the ``zero`` strategy,
 so the head sees [z_v; 0] and learns from the image alone; no predictor (nothing to pair with); the
 unused text encoder is ``frozen`` (identical function, no wasted backward). ``oracle_text`` mirrors
-it. They are trained on the whole training set, complete, in both settings (a ceiling). The
-oracle's prediction for a test sample comes from the fused model when it is complete and from the
+it. They are trained on the whole training set, complete, in both settings (a ceiling). The fused
+one is the same training as ``zero_plain`` under complete training (no predictor, zero stand-in
+never used), so when that cell is in the run it is not trained twice: its eta = 0 logits stand in
+for ``oracle_fused``. The oracle's prediction for a test sample comes from the fused model when it is complete and from the
 unimodal model of its present modality otherwise.
 
 Comparisons (test split; the best baseline is chosen on val): per-seed paired differences
@@ -110,6 +112,8 @@ ORACLE: dict[str, dict[str, Any]] = {
     "oracle_text": {"missing_strategy": "zero", "predictor_length": 0, "image_peft": "frozen"},
 }
 GROUPS = ("method", "plain", "oracle", "system")
+# Trains exactly what oracle_fused trains when the setting is complete (same options, all samples complete).
+FUSED_TWIN = "zero_plain"
 
 
 def method_options(variant: str) -> dict[str, Any]:
@@ -251,6 +255,8 @@ def load_done(cells: list[dict], out: Path, config: dict, verbose: bool = False)
     for cell in cells:
         path = cell_path(out, cell, config)
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if stored is None and cell["variant"] == "oracle_fused":
+            stored = _fused_twin(out, cell, config)
         if stored is not None and same_training(stored["cell"], cell):
             stored["cell"] = cell  # the current (explicit) spelling of the same options
             done.append(stored)
@@ -260,6 +266,19 @@ def load_done(cells: list[dict], out: Path, config: dict, verbose: bool = False)
                   file=sys.stderr)
         pending.append((cell, path))
     return done, pending
+
+
+def _fused_twin(out: Path, cell: dict, config: dict) -> dict | None:
+    """The complete ``zero_plain`` cell of ``cell``'s seed when it holds the eta = 0 logits oracle_fused needs."""
+    path = cell_path(out, {**cell, "variant": FUSED_TWIN}, config)
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return stored if stored is not None and stored.get("component_logits") else None
+
+
+def without_twin_duplicates(pending: list[tuple[dict, Path]]) -> list[tuple[dict, Path]]:
+    """Pending cells less each oracle_fused whose twin is pending too (the twin's logits will serve)."""
+    twins = {c["seed"] for c, _ in pending if c["variant"] == FUSED_TWIN and c["setting"] == "complete"}
+    return [(c, p) for c, p in pending if not (c["variant"] == "oracle_fused" and c["seed"] in twins)]
 
 
 def cell_path(out: Path, cell: dict, config: dict) -> Path:
@@ -436,6 +455,8 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
             else:
                 image_on, text_on = data["presence"][f"{split_name}/{test_type}/{rate}"]
             logits = fuse_setting(system, encoded, image_on, text_on, device, autocast=autocast)
+            if rate == 0.0 and cell["variant"] == FUSED_TWIN and cell["setting"] == "complete":
+                component_logits[split_name] = logits.tolist()  # the oracle's fused part
             for metric, value in _metrics(logits, labels, data["num_classes"], build_metric_collection, metric_inputs).items():
                 results.append({"split": split_name, "test_type": test_type, "rate": rate, "metric": metric, "value": value})
     return {
@@ -523,8 +544,9 @@ def oracle_rows(cells: list[dict], data: dict | None = None) -> list[dict]:
     training set (the ceiling for both training settings)."""
     parts: dict[tuple, dict[str, dict]] = {}
     for doc in cells:
-        if doc["cell"]["variant"] in ORACLE:
-            parts.setdefault((doc["cell"]["setting"], doc["cell"]["seed"]), {})[doc["cell"]["variant"]] = doc
+        cell = doc["cell"]
+        if cell["variant"] in ORACLE:
+            parts.setdefault((cell["setting"], cell["seed"]), {})[cell["variant"]] = doc
     rows = []
     for seed in sorted({seed for _, seed in parts}):
         ceiling = parts.get(("complete", seed), {})
@@ -888,6 +910,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = run_config(args)
     cells = cell_list(args)
     done, pending = load_done(cells, out, config, verbose=True)
+    pending = without_twin_duplicates(pending)
     print(f"ablation: {len(cells)} cells, {len(done)} already done, {len(pending)} to train on {device} "
           f"with {args.jobs} job(s)", file=sys.stderr, flush=True)
     args_dict = vars(args)

@@ -334,6 +334,10 @@ def test_ablation_rows_baselines_oracle_paired_differences_and_resume(tmp_path):
     ceiling = {(r["setting"], r["seed"], r["split"], r["test_type"]): r["value"] for r in rows
                if r["variant"] == "oracle" and r["metric"] == "accuracy"}
     assert ceiling[("complete", 0, "test", "both")] == ceiling[("missing", 0, "test", "both")]
+    # Its fused part is the complete zero_plain model (the same training, not repeated).
+    twin = {r["seed"]: r["value"] for r in rows if r["variant"] == "zero_plain" and r["setting"] == "complete"
+            and r["split"] == "test" and r["test_type"] == "none" and r["metric"] == "accuracy"}
+    assert ceiling[("complete", 0, "test", "none")] == twin[0] and ceiling[("complete", 1, "test", "none")] == twin[1]
     # Options are spelled out, whatever the system's defaults.
     options = {r["variant"]: r["options"] for r in rows}
     assert options["method"] == ablation.REFERENCE
@@ -359,7 +363,8 @@ def test_ablation_rows_baselines_oracle_paired_differences_and_resume(tmp_path):
     # Diagnostics of the predictions for the method's cells only.
     assert "missing/method" in document["diagnostics"] and "missing/zero_plain" not in document["diagnostics"]
     cells = sorted((tmp_path / "out" / "cells").glob("*.json"))
-    assert len(cells) == 2 * (4 * 2 + 3)  # seeds x (four variants x two settings + the oracle's three models)
+    # seeds x (four variants x two settings + the oracle's unimodal models; its fused one is zero_plain's)
+    assert len(cells) == 2 * (4 * 2 + 2)
     table = (tmp_path / "out" / "ablation.md").read_text()
     assert "| zero_plain (baseline) |" in table and "paired by seed" in table
 
@@ -404,6 +409,11 @@ def test_cell_list_filters_and_orders_seed_major():
     cells = ablation.cell_list(ablation.parse_args(["--seeds", "0", "--only", "missing"]))
     assert [c["variant"] for c in cells[:3]] == list(ablation.ORACLE)
     assert {c["setting"] for c in cells[:3]} == {"complete"}
+    # ... the fused one only where its twin (complete zero_plain, the same training) is not trained too.
+    pending = [(c, None) for c in ablation.cell_list(ablation.parse_args(["--seeds", "0", "1"]))]
+    pending = [(c, p) for c, p in pending if not (c["variant"] == "zero_plain" and c["seed"] == 1)]
+    kept = {(c["variant"], c["seed"]) for c, _ in ablation.without_twin_duplicates(pending)}
+    assert ("oracle_fused", 0) not in kept and ("oracle_fused", 1) in kept and ("zero_plain", 0) in kept
     with pytest.raises(SystemExit):
         ablation.cell_list(ablation.parse_args(["--only", "nonsense"]))
     with pytest.raises(SystemExit):
