@@ -59,7 +59,9 @@ DEBUG_ENV = "UNIPAIR_DEBUG"
 SOURCE_ROOT = Path(__file__).resolve().parent
 # Where unipair validates what it is given: a ValueError / FileNotFoundError raised here is a user error.
 VALIDATING_CODE: tuple[Path, ...] = (
-    SOURCE_ROOT / "datamodules", SOURCE_ROOT / "lightning_modules", SOURCE_ROOT / "cli.py",
+    SOURCE_ROOT / "datamodules",
+    SOURCE_ROOT / "lightning_modules",
+    SOURCE_ROOT / "cli.py",
 )
 DEFAULT_RUN_DIR = "runs"
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -84,8 +86,13 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from lightning_modules.checkpointing import CheckpointMismatchError
 
     return (
-        UserInputError, BadSampleError, CacheError, MissingTableError, PredictionInputError,
-        CheckpointMismatchError, MisconfigurationException,  # Lightning's "the Trainer options cannot work"
+        UserInputError,
+        BadSampleError,
+        CacheError,
+        MissingTableError,
+        PredictionInputError,
+        CheckpointMismatchError,
+        MisconfigurationException,  # Lightning's "the Trainer options cannot work"
     )
 
 
@@ -142,8 +149,10 @@ def user_error_message(error: BaseException) -> str | None:
 def prediction_output_path(predict_file: str | os.PathLike, output_file: str | os.PathLike | None) -> Path:
     """``output_file``, or ``<predict_file without .jsonl>.predictions.jsonl`` next to the input."""
     predict_path = Path(predict_file)
-    output = Path(output_file) if output_file else predict_path.with_name(
-        predict_path.name.removesuffix(".jsonl") + ".predictions.jsonl"
+    output = (
+        Path(output_file)
+        if output_file
+        else predict_path.with_name(predict_path.name.removesuffix(".jsonl") + ".predictions.jsonl")
     )
     if output.resolve() == predict_path.resolve():
         raise UserInputError(f"--output_file {output} would overwrite the input --predict_file")
@@ -201,7 +210,9 @@ class UnipairTrainer(Trainer):
                 ``predict_file``, the predictions on the DataModule's test split go there.
         """
         if predict_file is None and output_file is None:
-            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+            return super().predict(
+                model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only
+            )
         from datamodules.predict_jsonl import JsonlPredictionWriter, prediction_dataloader
 
         if dataloaders is not None:
@@ -220,7 +231,10 @@ class UnipairTrainer(Trainer):
         else:  # the DataModule's predict split (its test split, with its test missing setting)
             output, loader, line_of = Path(output_file), None, None
         writer = JsonlPredictionWriter(
-            output, datamodule.label_names, datamodule.task, line_of=line_of,
+            output,
+            datamodule.label_names,
+            datamodule.task,
+            line_of=line_of,
             threshold=getattr(model.hparams, "multilabel_threshold", 0.5) if model is not None else 0.5,
         )
         self.callbacks.append(writer)
@@ -293,7 +307,11 @@ class UnipairTrainer(Trainer):
             autocast=self.precision_plugin.forward_context,
             progress=progress,
         )
-        meta = {"checkpoint": str(ckpt_path), "missing_rates": list(missing_rates), "missing_types": list(missing_types)}
+        meta = {
+            "checkpoint": str(ckpt_path),
+            "missing_rates": list(missing_rates),
+            "missing_types": list(missing_types),
+        }
         paths = write_robustness_files(rows, out, metric, meta=meta)
         print(markdown_table(rows, metric, title=f"{rows[0]['dataset']} — {rows[0]['strategy']} — {metric}"))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -337,7 +355,9 @@ class UnipairCLI(LightningCLI):
         checkpoint replaces is reported (Lightning replaces them silently)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "best", a missing file: Lightning's handling
+        if (
+            not ckpt_path or not Path(ckpt_path).is_file()
+        ):  # "last", "best", a missing file: Lightning's handling
             return super()._parse_ckpt_path()
         check_checkpoint_file(ckpt_path)
         before = _init_args(self.config[subcommand].get("model"))
@@ -375,7 +395,9 @@ class UnipairCLI(LightningCLI):
         """Save the robustness run's config next to its outputs."""
         config = self.config["robustness"]
         out = Path(config.out_dir) if config.out_dir else default_robustness_dir(config.ckpt_path)
-        self._parser("robustness").save(config, out / "config.yaml", skip_unset=False, overwrite=True, multifile=False)
+        self._parser("robustness").save(
+            config, out / "config.yaml", skip_unset=False, overwrite=True, multifile=False
+        )
 
 
 def _init_args(model_config: Any) -> dict:

@@ -81,8 +81,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
 TEST_SETTINGS: tuple[tuple[str, float], ...] = (("text", 0.7), ("image", 0.7), ("both", 0.7), ("none", 0.0))
 # The method's reference configuration: every variant spells its switches out, so a cell means the
 # same thing whatever the system's defaults are later.
-REFERENCE: dict[str, Any] = {"substitution": False, "stop_grad_target": True, "pred_loss_weight": 1.0,
-                             "readonly_grad": "through", "vicreg_space": "raw"}
+REFERENCE: dict[str, Any] = {
+    "substitution": False,
+    "stop_grad_target": True,
+    "pred_loss_weight": 1.0,
+    "readonly_grad": "through",
+    "vicreg_space": "raw",
+}
 ATOMIC_SWITCHES: dict[str, dict[str, Any]] = {
     "detach": {"readonly_grad": "detach"},
     "target_matched": {"vicreg_space": "target_matched"},
@@ -92,7 +97,13 @@ ATOMIC_SWITCHES: dict[str, dict[str, Any]] = {
 LAMBDA_PREFIX = "lambda_"
 # The method variants of the default grid (``--variants`` replaces it); ``lambda_0`` is the
 # task-trained predictor baseline.
-DEFAULT_VARIANTS: tuple[str, ...] = ("method", "detach", "target_matched", "detach+target_matched", "lambda_0")
+DEFAULT_VARIANTS: tuple[str, ...] = (
+    "method",
+    "detach",
+    "target_matched",
+    "detach+target_matched",
+    "lambda_0",
+)
 NAMED_VARIANTS: dict[str, str] = {"lambda_0": "task-trained predictor (λ = 0)"}
 # The baselines as the project's strategy configs define them: no predictor, no VICReg.
 PLAIN: dict[str, dict[str, Any]] = {
@@ -126,7 +137,7 @@ def method_options(variant: str) -> dict[str, Any]:
             options.update(ATOMIC_SWITCHES[part])
         elif part.startswith(LAMBDA_PREFIX):
             try:
-                options["pred_loss_weight"] = float(part[len(LAMBDA_PREFIX):])
+                options["pred_loss_weight"] = float(part[len(LAMBDA_PREFIX) :])
             except ValueError:
                 raise ValueError(f"variant {variant!r}: {part!r} is not lambda_<number>") from None
         else:
@@ -158,7 +169,12 @@ JSON_FORMAT_VERSION = 2
 
 
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"image_size": args.image_size, "max_text_len": args.max_text_len, "label": args.label, "missing_seed": 0}
+    return {
+        "image_size": args.image_size,
+        "max_text_len": args.max_text_len,
+        "label": args.label,
+        "missing_seed": 0,
+    }
 
 
 def load_data(args: argparse.Namespace) -> Path:
@@ -168,7 +184,9 @@ def load_data(args: argparse.Namespace) -> Path:
             raise SystemExit(f"--data {args.data}: no such file")
         return Path(args.data)
     settings = data_settings(args)
-    tag = hashlib.sha256(json.dumps({**settings, "pack": bool(args.pack)}, sort_keys=True).encode()).hexdigest()[:10]
+    tag = hashlib.sha256(
+        json.dumps({**settings, "pack": bool(args.pack)}, sort_keys=True).encode()
+    ).hexdigest()[:10]
     path = Path(args.out) / f"data-{tag}.pt"
     if path.is_file():
         return path
@@ -183,7 +201,10 @@ def load_data(args: argparse.Namespace) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(data, tmp)
     os.replace(tmp, path)
-    print(f"ablation: decoded the emoji splits into {path} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    print(
+        f"ablation: decoded the emoji splits into {path} ({time.perf_counter() - started:.0f} s)",
+        file=sys.stderr,
+    )
     return path
 
 
@@ -193,9 +214,14 @@ def load_data(args: argparse.Namespace) -> Path:
 def variant_list(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, strategy, options) of every variant of the run, in table order."""
     variants = [(name, "predict", method_options(name)) for name in args.variants]
-    variants += [(name, str(o["missing_strategy"]), dict(o)) for name, o in PLAIN.items() if name in args.baselines]
-    variants += [(name, str(o["missing_strategy"]), {**REFERENCE, **o}) for name, o in SYSTEM_STANDINS.items()
-                 if name in args.system_standins]
+    variants += [
+        (name, str(o["missing_strategy"]), dict(o)) for name, o in PLAIN.items() if name in args.baselines
+    ]
+    variants += [
+        (name, str(o["missing_strategy"]), {**REFERENCE, **o})
+        for name, o in SYSTEM_STANDINS.items()
+        if name in args.system_standins
+    ]
     if args.oracle:
         variants += [(name, str(o["missing_strategy"]), dict(o)) for name, o in ORACLE.items()]
     return variants
@@ -225,7 +251,15 @@ def cell_list(args: argparse.Namespace) -> list[dict[str, Any]]:
             for setting in ("complete",) if variant_group(name) == "oracle" else SETTINGS:
                 if wanted_settings and setting not in wanted_settings and variant_group(name) != "oracle":
                     continue
-                cells.append({"setting": setting, "variant": name, "strategy": strategy, "options": options, "seed": seed})
+                cells.append(
+                    {
+                        "setting": setting,
+                        "variant": name,
+                        "strategy": strategy,
+                        "options": options,
+                        "seed": seed,
+                    }
+                )
     return cells
 
 
@@ -233,22 +267,32 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     """Everything besides the cell that decides its result (part of the cell file name)."""
     encoders = benchutil.encoder_preset(args.encoders)
     return {
-        "image_backbone": encoders["image_backbone"], "text_backbone": encoders["text_backbone"], "peft": args.peft,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "image_backbone": encoders["image_backbone"],
+        "text_backbone": encoders["text_backbone"],
+        "peft": args.peft,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
         "prompt_length": args.prompt_length or encoders["prompt_length"],
         "weights": "pack" if args.pack else ("cache" if encoders["pretrained"] else "random"),
         "data_file": Path(args.data).name if args.data else None,
-        **data_settings(args), "limit_train_samples": args.limit_train_samples,
+        **data_settings(args),
+        "limit_train_samples": args.limit_train_samples,
     }
 
 
 def same_training(stored: dict, cell: dict) -> bool:
     """Whether a stored cell trained what ``cell`` describes (options compared with the reference filled in)."""
-    return (stored["strategy"] == cell["strategy"] and stored["seed"] == cell["seed"]
-            and {**REFERENCE, **stored["options"]} == {**REFERENCE, **cell["options"]})
+    return (
+        stored["strategy"] == cell["strategy"]
+        and stored["seed"] == cell["seed"]
+        and {**REFERENCE, **stored["options"]} == {**REFERENCE, **cell["options"]}
+    )
 
 
-def load_done(cells: list[dict], out: Path, config: dict, verbose: bool = False) -> tuple[list[dict], list[tuple[dict, Path]]]:
+def load_done(
+    cells: list[dict], out: Path, config: dict, verbose: bool = False
+) -> tuple[list[dict], list[tuple[dict, Path]]]:
     """Split ``cells`` into finished ones (their documents, from disk) and pending ones (with their paths)."""
     done: list[dict] = []
     pending: list[tuple[dict, Path]] = []
@@ -262,8 +306,10 @@ def load_done(cells: list[dict], out: Path, config: dict, verbose: bool = False)
             done.append(stored)
             continue
         if stored is not None and verbose:
-            print(f"ablation: {path.name} was trained with other options {stored['cell']['options']}; training it again",
-                  file=sys.stderr)
+            print(
+                f"ablation: {path.name} was trained with other options {stored['cell']['options']}; training it again",
+                file=sys.stderr,
+            )
         pending.append((cell, path))
     return done, pending
 
@@ -312,8 +358,16 @@ class BatchGather:
     modality is missing, tokens padded to the batch's longest text.
     """
 
-    def __init__(self, split: dict, rows: torch.Tensor, image_present: torch.Tensor, text_present: torch.Tensor,
-                 empty_ids: list[int], pad_id: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        split: dict,
+        rows: torch.Tensor,
+        image_present: torch.Tensor,
+        text_present: torch.Tensor,
+        empty_ids: list[int],
+        pad_id: int,
+        device: torch.device,
+    ) -> None:
         self.images = split["images"]
         rows_dev = rows.to(self.images.device)
         self.rows = rows_dev
@@ -362,8 +416,14 @@ def build_system(cell: dict, args: argparse.Namespace, data: dict):
     if args.prompt_length:
         kwargs["prompt_length"] = args.prompt_length
     kwargs.update(
-        task="multiclass", num_classes=data["num_classes"], img_size=args.image_size,
-        missing_strategy=cell["strategy"], lr=args.lr, head_lr=args.lr, **peft, **options,
+        task="multiclass",
+        num_classes=data["num_classes"],
+        img_size=args.image_size,
+        missing_strategy=cell["strategy"],
+        lr=args.lr,
+        head_lr=args.lr,
+        **peft,
+        **options,
     )
     if args.pack:
         from benchmarks.device_pack import system_from_pack
@@ -410,16 +470,30 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
     system = build_system(cell, args, data)
     rows, image_present, text_present = train_presence(data, cell)
     if args.limit_train_samples:
-        rows, image_present, text_present = (t[: args.limit_train_samples] for t in (rows, image_present, text_present))
-    gather = BatchGather(data["splits"]["train"], rows, image_present, text_present, data["empty_ids"], data["pad_id"], device)
+        rows, image_present, text_present = (
+            t[: args.limit_train_samples] for t in (rows, image_present, text_present)
+        )
+    gather = BatchGather(
+        data["splits"]["train"], rows, image_present, text_present, data["empty_ids"], data["pad_id"], device
+    )
     loader = DataLoader(
-        range(len(rows)), batch_size=args.batch_size, shuffle=True, collate_fn=gather,
+        range(len(rows)),
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=gather,
         generator=torch.Generator().manual_seed(cell["seed"]),
     )
     trainer = L.Trainer(
-        max_epochs=args.epochs, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        max_epochs=args.epochs,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         log_every_n_steps=max(1, len(loader)),
     )
     with benchutil.quiet_warnings():
@@ -436,9 +510,20 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
         n = len(split["ids"])
         everything = torch.arange(n)
         all_true = torch.ones(n, dtype=torch.bool)
-        eval_gather = BatchGather(split, everything, all_true, all_true, data["empty_ids"], data["pad_id"], device)
-        eval_loader = DataLoader(range(n), batch_size=args.eval_batch_size, shuffle=False, collate_fn=eval_gather)
-        encoded = encode_split(system, eval_loader, dict(zip(split["ids"], split["keys"], strict=True)), device, autocast, progress=False)
+        eval_gather = BatchGather(
+            split, everything, all_true, all_true, data["empty_ids"], data["pad_id"], device
+        )
+        eval_loader = DataLoader(
+            range(n), batch_size=args.eval_batch_size, shuffle=False, collate_fn=eval_gather
+        )
+        encoded = encode_split(
+            system,
+            eval_loader,
+            dict(zip(split["ids"], split["keys"], strict=True)),
+            device,
+            autocast,
+            progress=False,
+        )
         labels = encoded.labels
         if system.has_predictor:
             diagnostics[split_name] = prediction_diagnostics(system, encoded, device)
@@ -446,7 +531,9 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
             # Oracle parts: predictions from the modalities this model uses (combined at aggregation).
             image_on = cell["variant"] != "oracle_text"
             text_on = cell["variant"] != "oracle_image"
-            logits = fuse_setting(system, encoded, all_true & image_on, all_true & text_on, device, autocast=autocast)
+            logits = fuse_setting(
+                system, encoded, all_true & image_on, all_true & text_on, device, autocast=autocast
+            )
             component_logits[split_name] = logits.tolist()
             continue
         for test_type, rate in TEST_SETTINGS:
@@ -457,8 +544,18 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
             logits = fuse_setting(system, encoded, image_on, text_on, device, autocast=autocast)
             if rate == 0.0 and cell["variant"] == FUSED_TWIN and cell["setting"] == "complete":
                 component_logits[split_name] = logits.tolist()  # the oracle's fused part
-            for metric, value in _metrics(logits, labels, data["num_classes"], build_metric_collection, metric_inputs).items():
-                results.append({"split": split_name, "test_type": test_type, "rate": rate, "metric": metric, "value": value})
+            for metric, value in _metrics(
+                logits, labels, data["num_classes"], build_metric_collection, metric_inputs
+            ).items():
+                results.append(
+                    {
+                        "split": split_name,
+                        "test_type": test_type,
+                        "rate": rate,
+                        "metric": metric,
+                        "value": value,
+                    }
+                )
     return {
         "cell": cell,
         "train_samples": len(rows),
@@ -472,7 +569,9 @@ def run_cell(cell: dict, args_dict: dict, data_path: str) -> dict:
         "results": results,
         "diagnostics": diagnostics,
         "component_logits": component_logits,
-        "labels": {s: data["splits"][s]["labels"].tolist() for s in ("val", "test")} if component_logits else {},
+        "labels": {s: data["splits"][s]["labels"].tolist() for s in ("val", "test")}
+        if component_logits
+        else {},
     }
 
 
@@ -509,7 +608,9 @@ def _cell_worker(cell: dict, args_dict: dict, data_path: str, path: str) -> dict
 # ------------------------------------------------------------------------------------ aggregation
 
 
-def _oracle_setting_rows(models: dict[str, dict], setting: str, seed: int, variant: str, data: dict | None) -> list[dict]:
+def _oracle_setting_rows(
+    models: dict[str, dict], setting: str, seed: int, variant: str, data: dict | None
+) -> list[dict]:
     from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
     rows = []
@@ -524,17 +625,31 @@ def _oracle_setting_rows(models: dict[str, dict], setting: str, seed: int, varia
                 if data is None:
                     raise ValueError("oracle rows at eta > 0 need the presence masks of the data")
                 image, text = data["presence"][f"{split}/{test_type}/{rate}"]
-                combined = torch.where((image & text)[:, None], logits["oracle_fused"],
-                                       torch.where(image[:, None], logits["oracle_image"], logits["oracle_text"]))
+                combined = torch.where(
+                    (image & text)[:, None],
+                    logits["oracle_fused"],
+                    torch.where(image[:, None], logits["oracle_image"], logits["oracle_text"]),
+                )
             preds = combined.argmax(dim=1)
             values = {
                 "accuracy": float(MulticlassAccuracy(num_classes, average="micro")(preds, labels)),
                 "f1_macro": float(MulticlassF1Score(num_classes, average="macro")(preds, labels)),
             }
             for metric, value in values.items():
-                rows.append({"setting": setting, "strategy": "oracle", "variant": variant, "options": {},
-                             "seed": seed, "split": split, "test_type": test_type, "rate": rate,
-                             "metric": metric, "value": value})
+                rows.append(
+                    {
+                        "setting": setting,
+                        "strategy": "oracle",
+                        "variant": variant,
+                        "options": {},
+                        "seed": seed,
+                        "split": split,
+                        "test_type": test_type,
+                        "rate": rate,
+                        "metric": metric,
+                        "value": value,
+                    }
+                )
     return rows
 
 
@@ -563,8 +678,16 @@ def collect_rows(cells: list[dict], data: dict | None) -> list[dict]:
         if cell["variant"] in ORACLE:
             continue
         for result in doc["results"]:
-            rows.append({"setting": cell["setting"], "strategy": cell["strategy"], "variant": cell["variant"],
-                         "options": cell["options"], "seed": cell["seed"], **result})
+            rows.append(
+                {
+                    "setting": cell["setting"],
+                    "strategy": cell["strategy"],
+                    "variant": cell["variant"],
+                    "options": cell["options"],
+                    "seed": cell["seed"],
+                    **result,
+                }
+            )
     return rows + oracle_rows(cells, data)
 
 
@@ -576,14 +699,30 @@ def summary_table(rows: list[dict], split: str, metric: str = PRIMARY_METRIC) ->
     table: dict[tuple, list[float]] = {}
     for row in rows:
         if row["split"] == split and row["metric"] == metric:
-            table.setdefault((row["setting"], row["variant"], row["test_type"], row["rate"]), []).append(row["value"])
+            table.setdefault((row["setting"], row["variant"], row["test_type"], row["rate"]), []).append(
+                row["value"]
+            )
     return table
 
 
 ETA_TESTS: tuple[tuple[str, float], ...] = tuple((t, r) for t, r in TEST_SETTINGS if r > 0)
 # Two-sided 95 % Student t quantiles by degrees of freedom (normal beyond the table).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+_T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t95(df: int) -> float:
@@ -596,7 +735,9 @@ def _per_seed(rows: list[dict], split: str, metric: str = PRIMARY_METRIC) -> dic
     table: dict[tuple, dict[int, float]] = {}
     for row in rows:
         if row["split"] == split and row["metric"] == metric:
-            table.setdefault((row["setting"], row["variant"], row["test_type"], row["rate"]), {})[row["seed"]] = row["value"]
+            table.setdefault((row["setting"], row["variant"], row["test_type"], row["rate"]), {})[
+                row["seed"]
+            ] = row["value"]
     return table
 
 
@@ -629,10 +770,25 @@ def paired_differences(rows: list[dict], split: str = "test") -> list[dict]:
             continue
         diffs = [values[seed] - baseline[seed] for seed in seeds]
         mean = statistics.fmean(diffs)
-        half = t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-        out.append({"setting": setting, "variant": variant, "baseline": best[setting], "test_type": test_type,
-                    "rate": rate, "split": split, "seeds": seeds, "mean_difference": mean,
-                    "ci95_low": mean - half, "ci95_high": mean + half})
+        half = (
+            t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            if len(diffs) > 1
+            else math.nan
+        )
+        out.append(
+            {
+                "setting": setting,
+                "variant": variant,
+                "baseline": best[setting],
+                "test_type": test_type,
+                "rate": rate,
+                "split": split,
+                "seeds": seeds,
+                "mean_difference": mean,
+                "ci95_low": mean - half,
+                "ci95_high": mean + half,
+            }
+        )
     return out
 
 
@@ -642,7 +798,9 @@ def gap_closed(rows: list[dict], split: str = "test") -> list[dict]:
     best = best_baselines(rows)
     out = []
     for setting, baseline_name in best.items():
-        variants = sorted({k[1] for k in table if k[0] == setting and variant_group(k[1]) in ("method", "system")})
+        variants = sorted(
+            {k[1] for k in table if k[0] == setting and variant_group(k[1]) in ("method", "system")}
+        )
         for test_type, rate in ETA_TESTS:
             baseline = table.get((setting, baseline_name, test_type, rate))
             oracle = table.get((setting, "oracle", test_type, rate))
@@ -654,9 +812,20 @@ def gap_closed(rows: list[dict], split: str = "test") -> list[dict]:
                 if not values:
                     continue
                 v = statistics.fmean(values)
-                out.append({"setting": setting, "variant": variant, "baseline": baseline_name, "test_type": test_type,
-                            "rate": rate, "split": split, "variant_mean": v, "baseline_mean": b, "oracle_mean": o,
-                            "gap_closed": (v - b) / (o - b) if abs(o - b) > 1e-12 else None})
+                out.append(
+                    {
+                        "setting": setting,
+                        "variant": variant,
+                        "baseline": baseline_name,
+                        "test_type": test_type,
+                        "rate": rate,
+                        "split": split,
+                        "variant_mean": v,
+                        "baseline_mean": b,
+                        "oracle_mean": o,
+                        "gap_closed": (v - b) / (o - b) if abs(o - b) > 1e-12 else None,
+                    }
+                )
     return out
 
 
@@ -705,14 +874,23 @@ def decide_defaults(rows: list[dict]) -> dict[str, Any]:
         val = score("val", variant)
         if val is None:
             continue
-        ranking.append({"variant": variant, "switches": method_options(variant), "val_score": val,
-                        "test_score": score("test", variant)})
+        ranking.append(
+            {
+                "variant": variant,
+                "switches": method_options(variant),
+                "val_score": val,
+                "test_score": score("test", variant),
+            }
+        )
     ranking.sort(key=lambda r: r["val_score"], reverse=True)
     if not ranking:
         return {}
-    return {"chosen_variant": ranking[0]["variant"], "defaults": ranking[0]["switches"],
-            "candidates_missing": [v for v in candidates if v not in {r["variant"] for r in ranking}],
-            "ranking": ranking}
+    return {
+        "chosen_variant": ranking[0]["variant"],
+        "defaults": ranking[0]["switches"],
+        "candidates_missing": [v for v in candidates if v not in {r["variant"] for r in ranking}],
+        "ranking": ranking,
+    }
 
 
 def _label(variant: str) -> str:
@@ -729,16 +907,26 @@ def markdown(document: dict) -> str:
     header, cfg = document["header"], document["config"]
     machine = header["machine"]
     where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores)"
-    order = ([v for v in PLAIN] + sorted({r["variant"] for r in rows if variant_group(r["variant"]) == "method"},
-                                          key=lambda v: (v != "method", v))
-             + list(SYSTEM_STANDINS) + ["oracle"])
+    order = (
+        [v for v in PLAIN]
+        + sorted(
+            {r["variant"] for r in rows if variant_group(r["variant"]) == "method"},
+            key=lambda v: (v != "method", v),
+        )
+        + list(SYSTEM_STANDINS)
+        + ["oracle"]
+    )
     col_names = [f"{t} {int(100 * r)}%" if r else "complete (η=0)" for t, r in TEST_SETTINGS]
     lines = [
         f"Ablation v2 on emoji (`{cfg['label']}` labels), {cfg['image_backbone']} + {cfg['text_backbone']}, "
         f"PEFT {cfg['peft']}, prompt length {cfg['prompt_length']}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
         f"lr {cfg['lr']}, {cfg['image_size']} px; seeds {document['seeds_done']}; tabulated on {where}, "
         f"{header['date']}: `{header['command']}`."
-        + (f" Cells trained on: {', '.join(document['cells_machines'])}." if document.get("cells_machines") else "")
+        + (
+            f" Cells trained on: {', '.join(document['cells_machines'])}."
+            if document.get("cells_machines")
+            else ""
+        )
         + (f" {document['cells_note']}" if document.get("cells_note") else ""),
         "",
         "Baselines (`*_plain`): plain late fusion with a fixed stand-in, no predictor tokens, no VICReg — they differ "
@@ -757,9 +945,13 @@ def markdown(document: dict) -> str:
             if not present:
                 continue
             train_eta = SETTINGS[setting]["train_missing"]["missing_rate"]
-            lines += [f"**{split} {PRIMARY_METRIC}, {setting} training (train η = {int(100 * train_eta)}% both), "
-                      "mean ± std over seeds**", "", "| variant | " + " | ".join(col_names) + " |",
-                      "|---|" + "---:|" * len(TEST_SETTINGS)]
+            lines += [
+                f"**{split} {PRIMARY_METRIC}, {setting} training (train η = {int(100 * train_eta)}% both), "
+                "mean ± std over seeds**",
+                "",
+                "| variant | " + " | ".join(col_names) + " |",
+                "|---|" + "---:|" * len(TEST_SETTINGS),
+            ]
             for variant in present:
                 cells = []
                 for test_type, rate in TEST_SETTINGS:
@@ -775,73 +967,138 @@ def markdown(document: dict) -> str:
     eta_names = [f"{t} {int(100 * r)}%" for t, r in ETA_TESTS]
     diffs = document.get("paired_differences", [])
     if diffs:
-        lines += ["**Test: variant − best baseline (chosen on val), paired by seed: mean [95 % t-interval]**", "",
-                  "| setting | variant | baseline | " + " | ".join(eta_names + ["complete (η=0)"]) + " |",
-                  "|---|---|---|" + "---:|" * len(TEST_SETTINGS)]
-        keys = sorted({(d["setting"], d["variant"]) for d in diffs}, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+        lines += [
+            "**Test: variant − best baseline (chosen on val), paired by seed: mean [95 % t-interval]**",
+            "",
+            "| setting | variant | baseline | " + " | ".join(eta_names + ["complete (η=0)"]) + " |",
+            "|---|---|---|" + "---:|" * len(TEST_SETTINGS),
+        ]
+        keys = sorted(
+            {(d["setting"], d["variant"]) for d in diffs},
+            key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99),
+        )
         for setting, variant in keys:
-            found = {(d["test_type"], d["rate"]): d for d in diffs if (d["setting"], d["variant"]) == (setting, variant)}
+            found = {
+                (d["test_type"], d["rate"]): d
+                for d in diffs
+                if (d["setting"], d["variant"]) == (setting, variant)
+            }
             cells = []
             for key in [*ETA_TESTS, ("none", 0.0)]:
                 d = found.get(key)
-                cells.append("" if d is None else f"{d['mean_difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]")
+                cells.append(
+                    ""
+                    if d is None
+                    else f"{d['mean_difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]"
+                )
             baseline = next(iter(found.values()))["baseline"]
             lines.append(f"| {setting} | {variant} | {baseline} | " + " | ".join(cells) + " |")
         lines.append("")
     gaps = document.get("gap_closed", [])
     if gaps:
-        lines += ["**Gap closed on test = (variant − best baseline) / (oracle − best baseline), seed means**", "",
-                  "| setting | variant | " + " | ".join(eta_names) + " |", "|---|---|" + "---:|" * len(ETA_TESTS)]
-        keys = sorted({(g["setting"], g["variant"]) for g in gaps}, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+        lines += [
+            "**Gap closed on test = (variant − best baseline) / (oracle − best baseline), seed means**",
+            "",
+            "| setting | variant | " + " | ".join(eta_names) + " |",
+            "|---|---|" + "---:|" * len(ETA_TESTS),
+        ]
+        keys = sorted(
+            {(g["setting"], g["variant"]) for g in gaps},
+            key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99),
+        )
         for setting, variant in keys:
             cells = []
             for test_type, rate in ETA_TESTS:
-                g = next((g for g in gaps if (g["setting"], g["variant"], g["test_type"], g["rate"]) == (setting, variant, test_type, rate)), None)
+                g = next(
+                    (
+                        g
+                        for g in gaps
+                        if (g["setting"], g["variant"], g["test_type"], g["rate"])
+                        == (setting, variant, test_type, rate)
+                    ),
+                    None,
+                )
                 cells.append("" if g is None or g["gap_closed"] is None else f"{g['gap_closed']:.2f}")
             lines.append(f"| {setting} | {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     diag = document.get("diagnostics", {})
     if diag:
-        names = ["cos_image", "cos_text", "std_ratio_image", "std_ratio_text", "substitution_accuracy_image",
-                 "substitution_accuracy_text"]
-        lines += ["**Val diagnostics of the predictions (complete inputs; `image` = ẑ_v from the text, `text` = ẑ_t "
-                  "from the image; substitution accuracy = the head on one predicted embedding), mean ± std**", "",
-                  "| setting | variant | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-        keys = sorted((tuple(k.split("/", 1)) for k in diag), key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+        names = [
+            "cos_image",
+            "cos_text",
+            "std_ratio_image",
+            "std_ratio_text",
+            "substitution_accuracy_image",
+            "substitution_accuracy_text",
+        ]
+        lines += [
+            "**Val diagnostics of the predictions (complete inputs; `image` = ẑ_v from the text, `text` = ẑ_t "
+            "from the image; substitution accuracy = the head on one predicted embedding), mean ± std**",
+            "",
+            "| setting | variant | " + " | ".join(names) + " |",
+            "|---|---|" + "---:|" * len(names),
+        ]
+        keys = sorted(
+            (tuple(k.split("/", 1)) for k in diag),
+            key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99),
+        )
         for key in keys:
             found = diag["/".join(key)]
-            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(
-                f"{found[n][0]:.3f} ± {found[n][1]:.3f}" if n in found else "" for n in names) + " |")
+            lines.append(
+                f"| {key[0]} | {key[1]} | "
+                + " | ".join(f"{found[n][0]:.3f} ± {found[n][1]:.3f}" if n in found else "" for n in names)
+                + " |"
+            )
         lines.append("")
     ece = summary_table(rows, "test", "ece")
     if ece:
-        lines += ["**Test expected calibration error (15 bins), mean over seeds**", "",
-                  "| setting | variant | " + " | ".join(col_names) + " |", "|---|---|" + "---:|" * len(TEST_SETTINGS)]
+        lines += [
+            "**Test expected calibration error (15 bins), mean over seeds**",
+            "",
+            "| setting | variant | " + " | ".join(col_names) + " |",
+            "|---|---|" + "---:|" * len(TEST_SETTINGS),
+        ]
         for setting in SETTINGS:
             for variant in order:
                 values = [ece.get((setting, variant, t, r)) for t, r in TEST_SETTINGS]
                 if any(values):
-                    lines.append(f"| {setting} | {variant} | " + " | ".join(
-                        f"{statistics.fmean(v):.3f}" if v else "" for v in values) + " |")
+                    lines.append(
+                        f"| {setting} | {variant} | "
+                        + " | ".join(f"{statistics.fmean(v):.3f}" if v else "" for v in values)
+                        + " |"
+                    )
         lines.append("")
     decisions = document.get("defaults", {})
     if decisions:
-        lines += ["**Defaults decided on val**: the best method configuration by mean val accuracy over both training "
-                  "settings and text / image / both at 70 % (test: the same average, for reference)", "",
-                  "| rank | variant | " + " | ".join(SWITCH_NAMES) + " | val score | test score |",
-                  "|---:|---|" + "---|" * len(SWITCH_NAMES) + "---:|---:|"]
+        lines += [
+            "**Defaults decided on val**: the best method configuration by mean val accuracy over both training "
+            "settings and text / image / both at 70 % (test: the same average, for reference)",
+            "",
+            "| rank | variant | " + " | ".join(SWITCH_NAMES) + " | val score | test score |",
+            "|---:|---|" + "---|" * len(SWITCH_NAMES) + "---:|---:|",
+        ]
         for rank, r in enumerate(decisions["ranking"], 1):
             sw = r["switches"]
-            lines.append(f"| {rank} | {r['variant']} | " + " | ".join(str(sw[n]) for n in SWITCH_NAMES)
-                         + f" | {r['val_score']:.3f} | {r['test_score']:.3f} |")
+            lines.append(
+                f"| {rank} | {r['variant']} | "
+                + " | ".join(str(sw[n]) for n in SWITCH_NAMES)
+                + f" | {r['val_score']:.3f} | {r['test_score']:.3f} |"
+            )
         missing = decisions.get("candidates_missing")
-        lines += ["", f"Chosen: `{decisions['chosen_variant']}` → {decisions['defaults']}"
-                  + (f" (not all candidates measured: {missing})" if missing else "") + ".", ""]
+        lines += [
+            "",
+            f"Chosen: `{decisions['chosen_variant']}` → {decisions['defaults']}"
+            + (f" (not all candidates measured: {missing})" if missing else "")
+            + ".",
+            "",
+        ]
     times = document.get("timing", {})
     if times:
-        lines.append(f"Cells: {times['cells_done']} done ({times['cells_run_now']} trained in this run, "
-                     f"median {times['median_cell_s']:.0f} s per cell); wall {times['wall_s']:.0f} s; "
-                     f"{len(document.get('cells_missing', []))} cells of the grid not done yet.")
+        lines.append(
+            f"Cells: {times['cells_done']} done ({times['cells_run_now']} trained in this run, "
+            f"median {times['median_cell_s']:.0f} s per cell); wall {times['wall_s']:.0f} s; "
+            f"{len(document.get('cells_missing', []))} cells of the grid not done yet."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -849,43 +1106,94 @@ def markdown(document: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of prompts and heads (the demo's)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="learning rate of prompts and heads (the demo's)"
+    )
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--max-text-len", type=int, default=32)
     parser.add_argument("--peft", default="prompt", choices=("prompt", "bitfit", "lora", "full", "frozen"))
-    parser.add_argument("--label", default="group", choices=("group", "subgroup"),
-                        help="emoji label set: group (9 classes) or subgroup (58 classes)")
-    parser.add_argument("--prompt-length", type=int, default=0, help="task prompt tokens per layer (0 = the encoders' preset)")
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                        help="method variants: method, or switches joined by '+' ("
-                             + ", ".join(sorted(ATOMIC_SWITCHES)) + f", {LAMBDA_PREFIX}<x>), e.g. detach+lambda_0.1")
-    parser.add_argument("--baselines", nargs="*", default=list(PLAIN), choices=list(PLAIN), help="plain baselines")
-    parser.add_argument("--system-standins", nargs="*", default=[], choices=list(SYSTEM_STANDINS),
-                        help="the method's system with only the stand-in changed (not baselines)")
-    parser.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the oracle's three models")
-    parser.add_argument("--only", nargs="+", default=None,
-                        help="subset of the grid: settings (complete, missing), variant names or groups "
-                             "(method, plain, oracle, system)")
+    parser.add_argument(
+        "--label",
+        default="group",
+        choices=("group", "subgroup"),
+        help="emoji label set: group (9 classes) or subgroup (58 classes)",
+    )
+    parser.add_argument(
+        "--prompt-length", type=int, default=0, help="task prompt tokens per layer (0 = the encoders' preset)"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        help="method variants: method, or switches joined by '+' ("
+        + ", ".join(sorted(ATOMIC_SWITCHES))
+        + f", {LAMBDA_PREFIX}<x>), e.g. detach+lambda_0.1",
+    )
+    parser.add_argument(
+        "--baselines", nargs="*", default=list(PLAIN), choices=list(PLAIN), help="plain baselines"
+    )
+    parser.add_argument(
+        "--system-standins",
+        nargs="*",
+        default=[],
+        choices=list(SYSTEM_STANDINS),
+        help="the method's system with only the stand-in changed (not baselines)",
+    )
+    parser.add_argument(
+        "--no-oracle", dest="oracle", action="store_false", help="skip the oracle's three models"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="subset of the grid: settings (complete, missing), variant names or groups "
+        "(method, plain, oracle, system)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at the same time (processes)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
-    parser.add_argument("--time-budget", type=float, default=0.0,
-                        help="minutes after which no new cell starts (0 = none); the rest stays for a re-run")
-    parser.add_argument("--aggregate-only", action="store_true", help="train nothing; tabulate the finished cells")
-    parser.add_argument("--cells-note", default=None,
-                        help="recorded in ablation.json, e.g. where cells trained elsewhere come from")
-    parser.add_argument("--limit-train-samples", type=int, default=0, help="train on the first N samples only (tests)")
-    parser.add_argument("--root", default=None, help="unipair cache folder holding emoji/ (default $UNIPAIR_CACHE)")
-    parser.add_argument("--pack", default=None, help="device pack folder (benchmarks.device_pack) instead of the cache")
-    parser.add_argument("--encoders", choices=ENCODER_PRESETS, default="demo",
-                        help="encoder preset: demo = configs/model/encoders/offline.yaml (pretrained), "
-                             "tiny = configs/model/encoders/tiny.yaml (random; smoke tests)")
-    parser.add_argument("--data", default=None, help="a prepared data tensor file (as written to <out>/data-*.pt)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per process (0 = torch's default)"
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        help="minutes after which no new cell starts (0 = none); the rest stays for a re-run",
+    )
+    parser.add_argument(
+        "--aggregate-only", action="store_true", help="train nothing; tabulate the finished cells"
+    )
+    parser.add_argument(
+        "--cells-note",
+        default=None,
+        help="recorded in ablation.json, e.g. where cells trained elsewhere come from",
+    )
+    parser.add_argument(
+        "--limit-train-samples", type=int, default=0, help="train on the first N samples only (tests)"
+    )
+    parser.add_argument(
+        "--root", default=None, help="unipair cache folder holding emoji/ (default $UNIPAIR_CACHE)"
+    )
+    parser.add_argument(
+        "--pack", default=None, help="device pack folder (benchmarks.device_pack) instead of the cache"
+    )
+    parser.add_argument(
+        "--encoders",
+        choices=ENCODER_PRESETS,
+        default="demo",
+        help="encoder preset: demo = configs/model/encoders/offline.yaml (pretrained), "
+        "tiny = configs/model/encoders/tiny.yaml (random; smoke tests)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="a prepared data tensor file (as written to <out>/data-*.pt)"
+    )
     parser.add_argument("--out", default=str(benchutil.ROOT / "runs" / "ablation"))
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "eval_batch_size", "image_size", "jobs"):
@@ -911,8 +1219,12 @@ def main(argv: list[str] | None = None) -> dict:
     cells = cell_list(args)
     done, pending = load_done(cells, out, config, verbose=True)
     pending = without_twin_duplicates(pending)
-    print(f"ablation: {len(cells)} cells, {len(done)} already done, {len(pending)} to train on {device} "
-          f"with {args.jobs} job(s)", file=sys.stderr, flush=True)
+    print(
+        f"ablation: {len(cells)} cells, {len(done)} already done, {len(pending)} to train on {device} "
+        f"with {args.jobs} job(s)",
+        file=sys.stderr,
+        flush=True,
+    )
     args_dict = vars(args)
     deadline = started + 60 * args.time_budget if args.time_budget else math.inf
     if args.aggregate_only:
@@ -942,7 +1254,10 @@ def main(argv: list[str] | None = None) -> dict:
                     ran.append(_report(future.result(), failures))
         except KeyboardInterrupt:
             # Stopped (Ctrl-C, or SIGTERM from a time limit): end the workers, tabulate what finished.
-            print("ablation: interrupted; stopping the workers and tabulating the finished cells", file=sys.stderr)
+            print(
+                "ablation: interrupted; stopping the workers and tabulating the finished cells",
+                file=sys.stderr,
+            )
             for process in list(getattr(pool, "_processes", {}).values()):
                 process.terminate()
         finally:
@@ -959,28 +1274,48 @@ def main(argv: list[str] | None = None) -> dict:
         "data": {"source": data["source"], "transform_check": data.get("transform_check", "identical")},
         "cells_machines": sorted({doc.get("machine", "not recorded in the cell") for doc in done}),
         "cells_note": args.cells_note,
-        "row_fields": ["setting", "strategy", "variant", "options", "seed", "split", "test_type", "rate", "metric", "value"],
+        "row_fields": [
+            "setting",
+            "strategy",
+            "variant",
+            "options",
+            "seed",
+            "split",
+            "test_type",
+            "rate",
+            "metric",
+            "value",
+        ],
         "seeds_done": sorted({doc["cell"]["seed"] for doc in done}),
         "cells_expected": len(cells),
-        "cells_missing": [f"{c['setting']}/{c['variant']}/seed{c['seed']}" for c, _ in pending
-                          if not any(d["cell"] == c for d in done)],
+        "cells_missing": [
+            f"{c['setting']}/{c['variant']}/seed{c['seed']}"
+            for c, _ in pending
+            if not any(d["cell"] == c for d in done)
+        ],
         "rows": rows,
         "best_baselines": best_baselines(rows),
         "paired_differences": paired_differences(rows),
         "gap_closed": gap_closed(rows),
         "diagnostics": {f"{k[0]}/{k[1]}": v for k, v in diagnostics_summary(done).items()},
         "defaults": decide_defaults(rows),
-        "timing": {"cells_done": len(done), "cells_run_now": len(cell_times),
-                   "median_cell_s": statistics.median(cell_times) if cell_times else 0.0,
-                   "cell_s": cell_times, "wall_s": time.perf_counter() - started},
+        "timing": {
+            "cells_done": len(done),
+            "cells_run_now": len(cell_times),
+            "median_cell_s": statistics.median(cell_times) if cell_times else 0.0,
+            "cell_s": cell_times,
+            "wall_s": time.perf_counter() - started,
+        },
         "failures": failures,
     }
     benchutil.write_json(out / "ablation.json", document)
     table = markdown(document)
     (out / "ablation.md").write_text(table, encoding="utf-8")
     print(table)
-    print(f"ablation: wrote {out / 'ablation.json'} ({len(rows)} rows; {len(document['cells_missing'])} cells left)",
-          file=sys.stderr)
+    print(
+        f"ablation: wrote {out / 'ablation.json'} ({len(rows)} rows; {len(document['cells_missing'])} cells left)",
+        file=sys.stderr,
+    )
     if failures:
         raise SystemExit(1)
     return document
@@ -997,11 +1332,17 @@ def _report(doc: dict, failures: list[dict]) -> dict:
         failures.append(doc)
         print(f"ablation: {label} FAILED:\n{doc['error']}", file=sys.stderr, flush=True)
     else:
-        acc = [r["value"] for r in doc["results"] if r["split"] == "test" and r["metric"] == PRIMARY_METRIC
-               and r["test_type"] == "both"]
+        acc = [
+            r["value"]
+            for r in doc["results"]
+            if r["split"] == "test" and r["metric"] == PRIMARY_METRIC and r["test_type"] == "both"
+        ]
         note = f", test acc (both 70%) {acc[0]:.3f}" if acc else ""
-        print(f"ablation: {label}: {doc['train_s']:.0f} s training, {doc['total_s']:.0f} s total{note}",
-              file=sys.stderr, flush=True)
+        print(
+            f"ablation: {label}: {doc['train_s']:.0f} s training, {doc['total_s']:.0f} s total{note}",
+            file=sys.stderr,
+            flush=True,
+        )
     return doc
 
 

@@ -68,7 +68,10 @@ DEFAULT_PREDICTOR_LENGTH = 8
 PROMPT_FULL_TARGET = 0.67  # issue 12: prompt / full training-step time on CPU and GPU
 # AdamW implementations; "default" is torch's own choice (foreach on CUDA, the for-loop on CPU).
 ADAMW_IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
-    "default": {}, "forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
+    "default": {},
+    "forloop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
 }
 STEP_SCOPE = "bench: train step"  # torch.profiler scopes of the profile split
 OPTIMIZER_SCOPE = "bench: optimizer step"
@@ -82,7 +85,9 @@ ENCODER_PRESETS = ("demo", "paper", "tiny")
 # ------------------------------------------------------------------------------ one configuration
 
 
-def synthetic_batch(batch_size: int, image_size: int, text_len: int, device: torch.device, seed: int = 0) -> dict:
+def synthetic_batch(
+    batch_size: int, image_size: int, text_len: int, device: torch.device, seed: int = 0
+) -> dict:
     """A batch in the project's format with the demo's missing pattern (eta = 70 %, type both).
 
     About 30 % complete, 35 % text missing (empty text: [CLS][SEP] + padding), 35 % image missing
@@ -239,7 +244,8 @@ def measure_static(cfg: dict) -> dict:
         "total_params": total,
         "trainable_fraction": trainable / total,
         "image_tokens": _image_tokens(work.system, cfg["image_size"]),
-        "text_tokens": cfg["text_len"] + work.system.text_encoder.num_prompt_tokens
+        "text_tokens": cfg["text_len"]
+        + work.system.text_encoder.num_prompt_tokens
         + work.system.text_encoder.num_readonly_tokens,
         "train_flops_per_sample": train_flops / b,
         "infer_flops_per_sample": infer_flops / b,
@@ -249,7 +255,9 @@ def measure_static(cfg: dict) -> dict:
         del work
         torch.cuda.empty_cache()
     else:
-        row.update(memory_kind="process_peak_rss", rss_after_build_mb=rss_after_build, peak_memory_mb=_peak_rss_mb())
+        row.update(
+            memory_kind="process_peak_rss", rss_after_build_mb=rss_after_build, peak_memory_mb=_peak_rss_mb()
+        )
     return row
 
 
@@ -258,19 +266,95 @@ def measure_static(cfg: dict) -> dict:
 
 PROFILE_CATEGORIES = ("attention", "matmul", "elementwise_norm", "optimizer", "other")
 # Operator names after _op_key (aten::native_layer_norm -> layernorm, AddmmBackward0 -> addmm, ...).
-MATMUL_OPS = frozenset({
-    "mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "addmv", "mv", "dot", "convolution", "conv2d",
-    "mkldnnconvolution", "cudnnconvolution", "mkldnnlinear", "scaledmm",
-})
-ELEMENTWISE_OPS = frozenset({
-    "add", "sub", "rsub", "mul", "div", "lerp", "addcmul", "addcdiv", "sqrt", "rsqrt", "pow", "exp", "log",
-    "log1p", "neg", "abs", "reciprocal", "sign", "square", "gelu", "relu", "silu", "tanh", "sigmoid",
-    "threshold", "erf", "hardtanh", "layernorm", "groupnorm", "batchnorm", "softmax", "logsoftmax", "dropout",
-    "bernoulli", "where", "clamp", "clampmin", "clampmax", "maximum", "minimum", "max", "min", "sum", "mean",
-    "var", "std", "varmean", "norm", "linalgvectornorm", "mseloss", "nllloss", "crossentropyloss",
-    "binarycrossentropywithlogits", "fill", "zero", "maskedfill", "lt", "gt", "le", "ge", "eq", "ne",
-    "logicaland", "logicalor", "logicalnot", "cumsum",
-})
+MATMUL_OPS = frozenset(
+    {
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "linear",
+        "matmul",
+        "addmv",
+        "mv",
+        "dot",
+        "convolution",
+        "conv2d",
+        "mkldnnconvolution",
+        "cudnnconvolution",
+        "mkldnnlinear",
+        "scaledmm",
+    }
+)
+ELEMENTWISE_OPS = frozenset(
+    {
+        "add",
+        "sub",
+        "rsub",
+        "mul",
+        "div",
+        "lerp",
+        "addcmul",
+        "addcdiv",
+        "sqrt",
+        "rsqrt",
+        "pow",
+        "exp",
+        "log",
+        "log1p",
+        "neg",
+        "abs",
+        "reciprocal",
+        "sign",
+        "square",
+        "gelu",
+        "relu",
+        "silu",
+        "tanh",
+        "sigmoid",
+        "threshold",
+        "erf",
+        "hardtanh",
+        "layernorm",
+        "groupnorm",
+        "batchnorm",
+        "softmax",
+        "logsoftmax",
+        "dropout",
+        "bernoulli",
+        "where",
+        "clamp",
+        "clampmin",
+        "clampmax",
+        "maximum",
+        "minimum",
+        "max",
+        "min",
+        "sum",
+        "mean",
+        "var",
+        "std",
+        "varmean",
+        "norm",
+        "linalgvectornorm",
+        "mseloss",
+        "nllloss",
+        "crossentropyloss",
+        "binarycrossentropywithlogits",
+        "fill",
+        "zero",
+        "maskedfill",
+        "lt",
+        "gt",
+        "le",
+        "ge",
+        "eq",
+        "ne",
+        "logicaland",
+        "logicalor",
+        "logicalnot",
+        "cumsum",
+    }
+)
 
 
 def _op_key(name: str) -> str:
@@ -337,8 +421,11 @@ def split_events(events: list, step_wall_s: float, device_time: bool) -> dict:
         seconds["idle_launch"] = step_wall_s - sum(seconds.values())
     else:
         seconds["outside_operators"] = outside
-    split = {"clock": "cuda_kernel_time" if device_time else "cpu_self_time", "step_wall_s": step_wall_s,
-             "seconds": seconds}
+    split = {
+        "clock": "cuda_kernel_time" if device_time else "cpu_self_time",
+        "step_wall_s": step_wall_s,
+        "seconds": seconds,
+    }
     split["total_s"] = sum(seconds.values())
     split["fractions"] = {k: v / split["total_s"] for k, v in seconds.items()} if split["total_s"] > 0 else {}
     return split
@@ -392,16 +479,18 @@ def measure_times(
     for i, work in enumerate(works):
         b = work.cfg["batch_size"]
         step_s, infer_s = common.median(train[i]), common.median(infer[i])
-        out.append({
-            "train_step_s": step_s,
-            "train_step_s_min": min(train[i]),
-            "train_step_s_all": train[i],
-            "train_step_cpu_s": common.median(train_cpu[i]),
-            "train_samples_per_s": b / step_s,
-            "infer_batch_s": infer_s,
-            "infer_batch_s_all": infer[i],
-            "infer_samples_per_s": b / infer_s,
-        })
+        out.append(
+            {
+                "train_step_s": step_s,
+                "train_step_s_min": min(train[i]),
+                "train_step_s_all": train[i],
+                "train_step_cpu_s": common.median(train_cpu[i]),
+                "train_samples_per_s": b / step_s,
+                "infer_batch_s": infer_s,
+                "infer_batch_s_all": infer[i],
+                "infer_samples_per_s": b / infer_s,
+            }
+        )
         if with_profile:
             out[-1]["profile"] = profile_split(work)
     rate = common.median(rates)
@@ -506,8 +595,8 @@ def measure_compile(
         "new_text_length_step_s": new_length,
         "recompile_s": new_length - compiled_median,
         "epoch_steps": epoch_steps,
-        "epoch_ratio_with_compile":
-            (compile_s + epoch_steps * compiled_median) / (epoch_steps * eager_median),
+        "epoch_ratio_with_compile": (compile_s + epoch_steps * compiled_median)
+        / (epoch_steps * eager_median),
     }
     saved = eager_median - compiled_median
     result["break_even_steps"] = compile_s / saved if saved > 0 else None
@@ -528,7 +617,9 @@ def _image_tokens(system, image_size: int) -> int:
     patch = backbone.patch_embed.patch_size
     patches = (image_size // patch[0]) * (image_size // patch[1])
     return (
-        patches + backbone.num_prefix_tokens + system.image_encoder.num_prompt_tokens
+        patches
+        + backbone.num_prefix_tokens
+        + system.image_encoder.num_prompt_tokens
         + system.image_encoder.num_readonly_tokens
     )
 
@@ -552,15 +643,21 @@ def configurations(args: argparse.Namespace) -> list[dict]:
     }
     grad = default_readonly_grad()
     configs = [
-        {**common_cfg, "mode": mode, "predictor_length": DEFAULT_PREDICTOR_LENGTH, "strategy": "predict",
-         "readonly_grad": grad}
+        {
+            **common_cfg,
+            "mode": mode,
+            "predictor_length": DEFAULT_PREDICTOR_LENGTH,
+            "strategy": "predict",
+            "readonly_grad": grad,
+        }
         for mode in args.modes
     ]
     if not args.no_predictor_overhead and "prompt" in args.modes:
         prompt = {**common_cfg, "mode": "prompt", "strategy": "predict"}
         configs += [
             {**prompt, "predictor_length": DEFAULT_PREDICTOR_LENGTH, "readonly_grad": other}
-            for other in READONLY_GRADS if other != grad
+            for other in READONLY_GRADS
+            if other != grad
         ]
         # Without read-only tokens readonly_grad changes nothing.
         configs.append({**prompt, "predictor_length": 0, "strategy": "zero", "readonly_grad": grad})
@@ -584,7 +681,9 @@ def run_isolated(cfg: dict) -> dict:
         )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        raise RuntimeError(f"bench worker for mode {cfg['mode']!r} printed no result:\n{result.stdout[-2000:]}")
+        raise RuntimeError(
+            f"bench worker for mode {cfg['mode']!r} printed no result:\n{result.stdout[-2000:]}"
+        )
     return json.loads(lines[-1])
 
 
@@ -599,10 +698,16 @@ def summarise(rows: list[dict], readonly_grad: str) -> dict:
     if prompt and full:
         ratio = prompt["train_step_s"] / full["train_step_s"]
         summary["prompt_vs_full_train_step_time_ratio"] = ratio
-        summary["prompt_vs_full_train_step_cpu_time_ratio"] = prompt["train_step_cpu_s"] / full["train_step_cpu_s"]
+        summary["prompt_vs_full_train_step_cpu_time_ratio"] = (
+            prompt["train_step_cpu_s"] / full["train_step_cpu_s"]
+        )
         # The fastest of the repeated steps is the least disturbed by other load on a shared machine.
-        summary["prompt_vs_full_train_step_min_time_ratio"] = prompt["train_step_s_min"] / full["train_step_s_min"]
-        summary["prompt_vs_full_train_flops_ratio"] = prompt["train_flops_per_sample"] / full["train_flops_per_sample"]
+        summary["prompt_vs_full_train_step_min_time_ratio"] = (
+            prompt["train_step_s_min"] / full["train_step_s_min"]
+        )
+        summary["prompt_vs_full_train_flops_ratio"] = (
+            prompt["train_flops_per_sample"] / full["train_flops_per_sample"]
+        )
         summary["prompt_vs_full_target"] = PROMPT_FULL_TARGET
         summary["prompt_vs_full_meets_target"] = ratio <= PROMPT_FULL_TARGET
     without = next((r for r in rows if r["mode"] == "prompt" and r["predictor_length"] == 0), None)
@@ -635,9 +740,9 @@ def _si(value: float) -> str:
 
 PROFILE_CLOCKS = {
     "cpu_self_time": "CPU self time of the operators (main thread); outside operators = Python and "
-                     "framework time between them",
+    "framework time between them",
     "cuda_kernel_time": "CUDA kernel time of the operators that launched them; idle / launch = step wall "
-                        "time minus all kernel time",
+    "time minus all kernel time",
 }
 
 
@@ -657,8 +762,11 @@ def markdown_profile(rows: list[dict]) -> list[str]:
     ]
     for r in profiled:
         split = r["profile"]
-        lines.append(f"| {row_label(r)} | {split['step_wall_s']:.3f} | "
-                     + " | ".join(f"{100 * split['fractions'].get(c, 0.0):.1f}" for c in columns) + " |")
+        lines.append(
+            f"| {row_label(r)} | {split['step_wall_s']:.3f} | "
+            + " | ".join(f"{100 * split['fractions'].get(c, 0.0):.1f}" for c in columns)
+            + " |"
+        )
     return lines
 
 
@@ -666,13 +774,16 @@ def markdown_adamw(comparisons: list[dict]) -> list[str]:
     if not comparisons:
         return []
     lines = [
-        "", "AdamW `optimizer.step()` by implementation, interleaved (median wall s / process CPU s):", "",
+        "",
+        "AdamW `optimizer.step()` by implementation, interleaved (median wall s / process CPU s):",
+        "",
         "| mode | trainable params | for-loop | foreach | fused | fastest (CPU time) |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for c in comparisons:
         cells = [
-            f"{c['step_s'][name]:.4f} / {c['step_cpu_s'][name]:.4f}" if name in c["step_s"]
+            f"{c['step_s'][name]:.4f} / {c['step_cpu_s'][name]:.4f}"
+            if name in c["step_s"]
             else f"unsupported: {c['unsupported'].get(name, 'not run')[:60]}"
             for name in ("forloop", "foreach", "fused")
         ]
@@ -708,7 +819,10 @@ def markdown(document: dict) -> str:
     s = document["settings"]
     header = document["header"]
     machine = header["machine"]
-    where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores, {s.get('threads', machine['torch_threads'])} torch threads)"
+    where = (
+        machine.get("gpu")
+        or f"{machine['cpu']} ({machine['cpu_count']} cores, {s.get('threads', machine['torch_threads'])} torch threads)"
+    )
     memory_column = "train peak alloc (MiB)" if s["device_type"] == "cuda" else "peak RSS (MiB)"
     load = machine.get("load_average")
     lines = [
@@ -771,41 +885,83 @@ def markdown(document: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paper", action="store_true", help="ViT-B/16 + BERT-base (random init): same as --encoders paper")
-    parser.add_argument("--encoders", choices=ENCODER_PRESETS, default="demo",
-                        help="demo: dinov2-s14 + minilm-l6; paper: ViT-B/16 + BERT-base; tiny: test_vit + tiny-bert (tests)")
-    parser.add_argument("--random-init", action="store_true", help="demo encoder architectures without their weights")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--paper", action="store_true", help="ViT-B/16 + BERT-base (random init): same as --encoders paper"
+    )
+    parser.add_argument(
+        "--encoders",
+        choices=ENCODER_PRESETS,
+        default="demo",
+        help="demo: dinov2-s14 + minilm-l6; paper: ViT-B/16 + BERT-base; tiny: test_vit + tiny-bert (tests)",
+    )
+    parser.add_argument(
+        "--random-init", action="store_true", help="demo encoder architectures without their weights"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--modes", nargs="+", default=list(PEFT_MODES), choices=PEFT_MODES)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=112, help="image side in pixels (emoji PNGs are 64 px)")
-    parser.add_argument("--text-len", type=int, default=16, help="text tokens per sample, [CLS] and [SEP] included")
+    parser.add_argument(
+        "--image-size", type=int, default=112, help="image side in pixels (emoji PNGs are 64 px)"
+    )
+    parser.add_argument(
+        "--text-len", type=int, default=16, help="text tokens per sample, [CLS] and [SEP] included"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (the median is reported)")
     parser.add_argument("--infer-steps", type=int, default=5, help="timed inference batches")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0 = torch's default); on a busy shared CPU one thread avoids waiting for a "
-                             "descheduled second one at every operator")
-    parser.add_argument("--no-predictor-overhead", action="store_true",
-                        help="skip the overhead runs (prompt with the other readonly_grad, prompt with "
-                             "predictor_length=0)")
-    parser.add_argument("--adamw", choices=sorted(ADAMW_IMPLEMENTATIONS), default="default",
-                        help="AdamW implementation of the timed steps (default: torch's choice)")
-    parser.add_argument("--adamw-compare", nargs="*", default=["prompt", "full"], choices=PEFT_MODES,
-                        help="modes whose optimizer step is timed with each AdamW implementation "
-                             "(none: skip)")
-    parser.add_argument("--no-profile", action="store_true",
-                        help="skip the profile split of one step per configuration")
-    parser.add_argument("--compile-check", action="store_true",
-                        help="also time torch.compile of both encoders against eager (first mode; minutes "
-                             "on a CPU)")
-    parser.add_argument("--epoch-steps", type=int, default=42,
-                        help="steps per epoch over which --compile-check amortises the compile time "
-                             "(emoji demo: 42)")
-    parser.add_argument("--isolation", choices=("auto", "subprocess", "inprocess"), default="auto",
-                        help="one fresh process per mode (auto: on CPU, where peak RSS needs it) or all in this one")
-    parser.add_argument("--out", default=None, help="output JSON (default runs/bench/bench.json, bench_paper.json with --paper)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0 = torch's default); on a busy shared CPU one thread avoids waiting for a "
+        "descheduled second one at every operator",
+    )
+    parser.add_argument(
+        "--no-predictor-overhead",
+        action="store_true",
+        help="skip the overhead runs (prompt with the other readonly_grad, prompt with predictor_length=0)",
+    )
+    parser.add_argument(
+        "--adamw",
+        choices=sorted(ADAMW_IMPLEMENTATIONS),
+        default="default",
+        help="AdamW implementation of the timed steps (default: torch's choice)",
+    )
+    parser.add_argument(
+        "--adamw-compare",
+        nargs="*",
+        default=["prompt", "full"],
+        choices=PEFT_MODES,
+        help="modes whose optimizer step is timed with each AdamW implementation (none: skip)",
+    )
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the profile split of one step per configuration"
+    )
+    parser.add_argument(
+        "--compile-check",
+        action="store_true",
+        help="also time torch.compile of both encoders against eager (first mode; minutes on a CPU)",
+    )
+    parser.add_argument(
+        "--epoch-steps",
+        type=int,
+        default=42,
+        help="steps per epoch over which --compile-check amortises the compile time (emoji demo: 42)",
+    )
+    parser.add_argument(
+        "--isolation",
+        choices=("auto", "subprocess", "inprocess"),
+        default="auto",
+        help="one fresh process per mode (auto: on CPU, where peak RSS needs it) or all in this one",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output JSON (default runs/bench/bench.json, bench_paper.json with --paper)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.paper:
@@ -825,7 +981,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     device = common.resolve_device(args.device)
     args.device = str(device)
-    isolation = args.isolation if args.isolation != "auto" else ("subprocess" if device.type == "cpu" else "inprocess")
+    isolation = (
+        args.isolation
+        if args.isolation != "auto"
+        else ("subprocess" if device.type == "cpu" else "inprocess")
+    )
     header = common.run_header(device)
     started = time.perf_counter()
     cfgs = configurations(args)
@@ -839,11 +999,20 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as error:  # report every mode; a failed one is named in the table and the exit code
             failed = True
             print(f"bench: {label} failed: {error}", file=sys.stderr)
-            statics.append({"mode": cfg["mode"], "predictor_length": cfg["predictor_length"],
-                            "readonly_grad": cfg["readonly_grad"], "error": str(error)})
+            statics.append(
+                {
+                    "mode": cfg["mode"],
+                    "predictor_length": cfg["predictor_length"],
+                    "readonly_grad": cfg["readonly_grad"],
+                    "error": str(error),
+                }
+            )
     timed_cfgs = [cfg for cfg, st in zip(cfgs, statics, strict=True) if "error" not in st]
-    print(f"bench: timing {len(timed_cfgs)} configurations interleaved ({args.warmup} warm-up + {args.steps} rounds) ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"bench: timing {len(timed_cfgs)} configurations interleaved ({args.warmup} warm-up + {args.steps} rounds) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     grad = default_readonly_grad()
     with tempfile.TemporaryDirectory(prefix="unipair-bench-") as workdir:
         works = [Workload(cfg, Path(workdir)) for cfg in timed_cfgs]
@@ -851,8 +1020,11 @@ def main(argv: list[str] | None = None) -> dict:
         timed = measure_times(works, args.warmup, args.steps, args.infer_steps, with_profile) if works else []
         times = iter(timed)
         rows = [st if "error" in st else finish_row(st, next(times)) for st in statics]
-        main_rows = {w.cfg["mode"]: w for w in works if w.cfg["readonly_grad"] == grad
-                     and w.cfg["predictor_length"] == DEFAULT_PREDICTOR_LENGTH}
+        main_rows = {
+            w.cfg["mode"]: w
+            for w in works
+            if w.cfg["readonly_grad"] == grad and w.cfg["predictor_length"] == DEFAULT_PREDICTOR_LENGTH
+        }
         adamw = []
         for mode in args.adamw_compare:
             if mode in main_rows:
@@ -898,7 +1070,14 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": compiled,
         "wall_s": time.perf_counter() - started,
     }
-    out = Path(args.out) if args.out else common.ROOT / "runs" / "bench" / ("bench.json" if args.encoders == "demo" else f"bench_{args.encoders}.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else common.ROOT
+        / "runs"
+        / "bench"
+        / ("bench.json" if args.encoders == "demo" else f"bench_{args.encoders}.json")
+    )
     common.write_json(out, document)
     table = markdown(document)
     out.with_suffix(".md").write_text(table, encoding="utf-8")

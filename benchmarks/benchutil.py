@@ -27,20 +27,36 @@ ROOT = Path(__file__).resolve().parents[1]
 # Architectures of the text encoders as plain BertConfig keyword arguments, so they can be built
 # randomly initialised without their weights, tokenizer or the package that ships them.
 MINILM_L6_CONFIG = {  # sentence-transformers/all-MiniLM-L6-v2 (the built-in "minilm-l6")
-    "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-    "intermediate_size": 1536, "max_position_embeddings": 512,
+    "vocab_size": 30522,
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
 }
 BERT_BASE_CONFIG = {  # bert-base-uncased
-    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "intermediate_size": 3072, "max_position_embeddings": 512,
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
 }
 # Keyed by the text backbone names of the encoder presets.
 TEXT_CONFIGS = {"minilm-l6": MINILM_L6_CONFIG, "bert-base-uncased": BERT_BASE_CONFIG}
 
 
 ENCODER_PRESET_FILES = {"demo": "offline", "paper": "paper", "tiny": "tiny"}
-PRESET_KEYS = ("image_backbone", "text_backbone", "pretrained", "prompt_length", "prompt_depth", "predictor_length",
-               "predictor_hidden_dim", "head_hidden_dim")
+PRESET_KEYS = (
+    "image_backbone",
+    "text_backbone",
+    "pretrained",
+    "prompt_length",
+    "prompt_depth",
+    "predictor_length",
+    "predictor_hidden_dim",
+    "head_hidden_dim",
+)
 
 
 def encoder_preset(name: str) -> dict[str, Any]:
@@ -169,7 +185,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

@@ -46,8 +46,14 @@ from benchmarks import benchutil
 PACK_FORMAT_VERSION = 1
 REFERENCE_SAMPLES = 4  # per split: transformed images kept to check the transform where the pack is loaded
 SPECIAL_TOKEN_IDS = (0, 100, 101, 102, 103)  # [PAD] [UNK] [CLS] [SEP] [MASK] of the BERT uncased vocabulary
-MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                "1_Pooling/config.json")
+MINILM_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "1_Pooling/config.json",
+)
 
 
 # ------------------------------------------------------------------------------------ array store
@@ -55,7 +61,11 @@ MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "speci
 
 def _encode(array: np.ndarray, codec: str) -> bytes:
     if codec == "bf16":
-        bits = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
+        bits = (
+            torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            .to(torch.bfloat16)
+            .view(torch.int16)
+        )
         words = bits.numpy().view(np.uint16).ravel()
         planes = np.concatenate([(words >> 8).astype(np.uint8), (words & 0xFF).astype(np.uint8)])
         return zlib.compress(planes.tobytes(), 6)
@@ -84,8 +94,13 @@ def write_store(prefix: Path, arrays: dict[str, tuple[np.ndarray, str]], extra: 
         for name, (array, codec) in arrays.items():
             blob = _encode(array, codec)
             handle.write(blob)
-            index[name] = {"offset": offset, "size": len(blob), "shape": list(array.shape), "dtype": str(array.dtype),
-                           "codec": codec}
+            index[name] = {
+                "offset": offset,
+                "size": len(blob),
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+                "codec": codec,
+            }
             offset += len(blob)
     digest = hashlib.sha256(prefix.with_suffix(".bin").read_bytes()).hexdigest()
     document = {"format_version": PACK_FORMAT_VERSION, "sha256": digest, "arrays": index, **(extra or {})}
@@ -97,15 +112,22 @@ def read_store(prefix: Path) -> tuple[dict[str, np.ndarray], dict]:
     meta_path, bin_path = prefix.with_suffix(".json"), prefix.with_suffix(".bin")
     for path in (meta_path, bin_path):
         if not path.is_file():
-            raise FileNotFoundError(f"device pack: {path} is missing; export the pack with "
-                                    "`python -m benchmarks.device_pack --out <folder>`")
+            raise FileNotFoundError(
+                f"device pack: {path} is missing; export the pack with "
+                "`python -m benchmarks.device_pack --out <folder>`"
+            )
     document = json.loads(meta_path.read_text(encoding="utf-8"))
     if document.get("format_version") != PACK_FORMAT_VERSION:
-        raise ValueError(f"device pack {meta_path}: format {document.get('format_version')}, expected {PACK_FORMAT_VERSION}")
+        raise ValueError(
+            f"device pack {meta_path}: format {document.get('format_version')}, expected {PACK_FORMAT_VERSION}"
+        )
     payload = bin_path.read_bytes()
     if hashlib.sha256(payload).hexdigest() != document["sha256"]:
         raise ValueError(f"device pack {bin_path}: checksum mismatch (truncated or altered); export it again")
-    arrays = {name: _decode(payload[m["offset"]:m["offset"] + m["size"]], m) for name, m in document["arrays"].items()}
+    arrays = {
+        name: _decode(payload[m["offset"] : m["offset"] + m["size"]], m)
+        for name, m in document["arrays"].items()
+    }
     return arrays, document
 
 
@@ -132,8 +154,14 @@ def export_pack(out: Path, image_size: int, max_text_len: int, root: str | None)
     settings = {"image_size": image_size, "max_text_len": max_text_len, "label": "group", "missing_seed": 0}
 
     # --- data: decoded images (uint8), tokens, labels, and the protocol's presence masks
-    common = {"root": root, "image_size": image_size, "max_text_len": max_text_len, "label": "group",
-              "missing_seed": 0, "num_workers": 0}
+    common = {
+        "root": root,
+        "image_size": image_size,
+        "max_text_len": max_text_len,
+        "label": "group",
+        "missing_seed": 0,
+        "num_workers": 0,
+    }
     complete = EmojiDataModule(**common)
     complete.setup()
     arrays: dict[str, tuple[np.ndarray, str]] = {}
@@ -172,12 +200,22 @@ def export_pack(out: Path, image_size: int, max_text_len: int, root: str | None)
     empty_ids = [int(t) for t in complete.datasets["train"].empty_text_ids.tolist()]
     used_tokens.update(empty_ids)
     config = complete.data_config
-    write_store(out / "emoji", arrays, {
-        "settings": settings, "lists": lists, "label_names": list(complete.label_names),
-        "num_classes": int(complete.num_classes), "pad_id": int(complete.tokenizer.pad_token_id),
-        "empty_ids": empty_ids, "transform": repr(complete.datasets["train"].transform),
-        "mean": list(config["mean"]), "std": list(config["std"]), "input_size": list(config["input_size"]),
-    })
+    write_store(
+        out / "emoji",
+        arrays,
+        {
+            "settings": settings,
+            "lists": lists,
+            "label_names": list(complete.label_names),
+            "num_classes": int(complete.num_classes),
+            "pad_id": int(complete.tokenizer.pad_token_id),
+            "empty_ids": empty_ids,
+            "transform": repr(complete.datasets["train"].transform),
+            "mean": list(config["mean"]),
+            "std": list(config["std"]),
+            "input_size": list(config["input_size"]),
+        },
+    )
     # The pack's data must be the DataModule's, tensor for tensor.
     from benchmarks.emoji_tensors import build_tensors_from_datamodule
 
@@ -209,22 +247,33 @@ def export_pack(out: Path, image_size: int, max_text_len: int, root: str | None)
                 weights[f"text/{name}"] = (array[rows], "raw")
                 continue
             weights[f"{tag}/{name}"] = (array, "bf16" if name in matmul else "raw")
-    write_store(out / "encoders", weights, {
-        "image_backbone": "dinov2-s14", "text_backbone": "minilm-l6", "image_size": image_size,
-        "text_vocab_size": int(text_backbone.config.vocab_size), "text_rows_kept": len(used_tokens),
-    })
+    write_store(
+        out / "encoders",
+        weights,
+        {
+            "image_backbone": "dinov2-s14",
+            "text_backbone": "minilm-l6",
+            "image_size": image_size,
+            "text_vocab_size": int(text_backbone.config.vocab_size),
+            "text_rows_kept": len(used_tokens),
+        },
+    )
     minilm = sources.minilm_path()
     for name in MINILM_FILES:
         (out / "minilm" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(minilm / name, out / "minilm" / name)
     manifest = {
-        "format_version": PACK_FORMAT_VERSION, "settings": settings, "created": benchutil.run_header(torch.device("cpu")),
+        "format_version": PACK_FORMAT_VERSION,
+        "settings": settings,
+        "created": benchutil.run_header(torch.device("cpu")),
         "bytes": {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()},
     }
     manifest["total_bytes"] = sum(manifest["bytes"].values())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    print(f"device pack: {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - started:.0f} s)",
-          file=sys.stderr)
+    print(
+        f"device pack: {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - started:.0f} s)",
+        file=sys.stderr,
+    )
     return manifest
 
 
@@ -252,16 +301,21 @@ def tensors_from_pack(pack: Path, settings: dict) -> dict[str, Any]:
 
     arrays, document = read_store(pack / "emoji")
     if document["settings"] != settings:
-        raise ValueError(f"device pack {pack}: built for {document['settings']}, but the run asks for {settings}; "
-                         "export a pack with matching --image-size / --max-text-len")
+        raise ValueError(
+            f"device pack {pack}: built for {document['settings']}, but the run asks for {settings}; "
+            "export a pack with matching --image-size / --max-text-len"
+        )
     transform = _image_transform(settings["image_size"])
-    collate = MissingModalityCollate(document["pad_id"], "multiclass", document["mean"], document["std"],
-                                     document["input_size"][1:])
+    collate = MissingModalityCollate(
+        document["pad_id"], "multiclass", document["mean"], document["std"], document["input_size"][1:]
+    )
     splits = {}
     mismatches = []
     for split in ("train", "val", "test"):
         pixels = [transform(Image.fromarray(image)) for image in arrays[f"{split}/images_u8"]]
-        for row, reference in zip(arrays[f"{split}/reference_rows"], arrays[f"{split}/reference_u8"], strict=True):
+        for row, reference in zip(
+            arrays[f"{split}/reference_rows"], arrays[f"{split}/reference_u8"], strict=True
+        ):
             if not torch.equal(pixels[int(row)], torch.from_numpy(reference)):
                 diff = (pixels[int(row)].int() - torch.from_numpy(reference).int()).abs().max()
                 mismatches.append(f"{split} row {int(row)} (max |difference| {int(diff)})")
@@ -275,18 +329,30 @@ def tensors_from_pack(pack: Path, settings: dict) -> dict[str, Any]:
         }
     check = "identical"
     if mismatches:
-        check = (f"the image transform here differs from the one at export on {len(mismatches)} reference samples: "
-                 f"{mismatches[:3]} (transform here {transform!r})")
+        check = (
+            f"the image transform here differs from the one at export on {len(mismatches)} reference samples: "
+            f"{mismatches[:3]} (transform here {transform!r})"
+        )
         print(f"device pack: WARNING: {check}", file=sys.stderr)
     presence = {}
     for name in arrays:
         if name.startswith("presence/") and name.endswith("/image"):
-            key = name[len("presence/"):-len("/image")]
-            presence[key] = (torch.from_numpy(arrays[name]), torch.from_numpy(arrays[name[:-len("image")] + "text"]))
+            key = name[len("presence/") : -len("/image")]
+            presence[key] = (
+                torch.from_numpy(arrays[name]),
+                torch.from_numpy(arrays[name[: -len("image")] + "text"]),
+            )
     return {
-        "settings": settings, "source": f"device pack {pack}", "label_names": document["label_names"],
-        "num_classes": document["num_classes"], "pad_id": document["pad_id"], "empty_ids": document["empty_ids"],
-        "transform": document["transform"], "transform_check": check, "splits": splits, "presence": presence,
+        "settings": settings,
+        "source": f"device pack {pack}",
+        "label_names": document["label_names"],
+        "num_classes": document["num_classes"],
+        "pad_id": document["pad_id"],
+        "empty_ids": document["empty_ids"],
+        "transform": document["transform"],
+        "transform_check": check,
+        "splits": splits,
+        "presence": presence,
     }
 
 
@@ -324,24 +390,39 @@ def system_from_pack(pack: Path, kwargs: dict):
     from lightning_modules.system import UnipairSystem
 
     if kwargs.get("image_backbone") != "dinov2-s14" or kwargs.get("text_backbone") != "minilm-l6":
-        raise ValueError(f"the device pack holds dinov2-s14 + minilm-l6, not {kwargs.get('image_backbone')} + "
-                         f"{kwargs.get('text_backbone')}")
+        raise ValueError(
+            f"the device pack holds dinov2-s14 + minilm-l6, not {kwargs.get('image_backbone')} + "
+            f"{kwargs.get('text_backbone')}"
+        )
     if "lora" in (kwargs.get("image_peft"), kwargs.get("text_peft")):
-        raise ValueError("device pack: LoRA renames the backbone weights, load them before injecting adapters; "
-                         "the pack supports the prompt, bitfit, full and frozen modes")
+        raise ValueError(
+            "device pack: LoRA renames the backbone weights, load them before injecting adapters; "
+            "the pack supports the prompt, bitfit, full and frozen modes"
+        )
     settings = json.loads((pack / "encoders.json").read_text(encoding="utf-8"))
     if kwargs.get("img_size") != settings["image_size"]:
-        raise ValueError(f"device pack {pack}: DINOv2 packed for {settings['image_size']} px, run asks for {kwargs.get('img_size')}")
-    kwargs = {**kwargs, "pretrained": False, "text_backbone": str((pack / "minilm").resolve()), "text_pooling": "mean"}
+        raise ValueError(
+            f"device pack {pack}: DINOv2 packed for {settings['image_size']} px, run asks for {kwargs.get('img_size')}"
+        )
+    kwargs = {
+        **kwargs,
+        "pretrained": False,
+        "text_backbone": str((pack / "minilm").resolve()),
+        "text_pooling": "mean",
+    }
     with benchutil.quiet_warnings():
         system = UnipairSystem(**kwargs)
     weights = pack_weights(pack)
     for tag, backbone in (("image", system.image_encoder.backbone), ("text", system.text_encoder.backbone)):
         missing, unexpected = backbone.load_state_dict(weights[tag], strict=False)
-        missing = [k for k in missing if "lora_" not in k]  # adapters are new parameters, not backbone weights
+        missing = [
+            k for k in missing if "lora_" not in k
+        ]  # adapters are new parameters, not backbone weights
         if missing or unexpected:
-            raise RuntimeError(f"device pack {pack}: {tag} backbone does not match the pack: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+            raise RuntimeError(
+                f"device pack {pack}: {tag} backbone does not match the pack: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
     return system
 
 

@@ -20,8 +20,14 @@ def build_tensors_from_datamodule(settings: dict[str, Any], root: str | None) ->
     """
     from datamodules.emoji import EmojiDataModule
 
-    common = {"root": root, "image_size": settings["image_size"], "max_text_len": settings["max_text_len"],
-              "label": settings["label"], "missing_seed": settings["missing_seed"], "num_workers": 0}
+    common = {
+        "root": root,
+        "image_size": settings["image_size"],
+        "max_text_len": settings["max_text_len"],
+        "label": settings["label"],
+        "missing_seed": settings["missing_seed"],
+        "num_workers": 0,
+    }
     complete = EmojiDataModule(**common)
     complete.setup()
     collate = complete.collate_fn()
@@ -35,8 +41,12 @@ def build_tensors_from_datamodule(settings: dict[str, Any], root: str | None) ->
         if batch["id"] != list(ds.ids):
             raise RuntimeError(f"emoji {split}: collated ids differ from the dataset's order")
         splits[split] = {
-            "ids": list(ds.ids), "keys": list(ds.keys), "labels": batch["label"], "images": batch["image"],
-            "input_ids": batch["input_ids"], "lengths": batch["attention_mask"].sum(dim=1),
+            "ids": list(ds.ids),
+            "keys": list(ds.keys),
+            "labels": batch["label"],
+            "images": batch["image"],
+            "input_ids": batch["input_ids"],
+            "lengths": batch["attention_mask"].sum(dim=1),
         }
     presence = {}
     for missing_type in ("text", "image", "both"):
@@ -48,7 +58,8 @@ def build_tensors_from_datamodule(settings: dict[str, Any], root: str | None) ->
             if list(ds.ids) != splits[split]["ids"]:
                 raise RuntimeError(f"emoji {split}: sample order differs between DataModule constructions")
             presence[f"{split}/{missing_type}/0.7"] = (
-                torch.from_numpy(ds.image_present.copy()), torch.from_numpy(ds.text_present.copy())
+                torch.from_numpy(ds.image_present.copy()),
+                torch.from_numpy(ds.text_present.copy()),
             )
     empty = complete.datasets["train"].empty_text_ids
     return {

@@ -173,8 +173,7 @@ def main() -> None:
         f"Command: `{meta['command']}` ({meta['date']}, {meta['machine']}, Python {meta['python']}).",
         "",
         "| rows | format | file MiB | index s (CPU s) | peak RSS MiB | baseline RSS MiB "
-        "| index increase MiB |"
-        + (" setup s (CPU s) | peak RSS MiB after setup |" if args.setup else ""),
+        "| index increase MiB |" + (" setup s (CPU s) | peak RSS MiB after setup |" if args.setup else ""),
         "|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.setup else ""),
     ]
     for r in results:

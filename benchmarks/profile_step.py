@@ -39,9 +39,16 @@ def build(args: argparse.Namespace, seed: int = 0):
     torch.manual_seed(seed)
     with benchutil.quiet_warnings():
         system = UnipairSystem(
-            task="multiclass", num_classes=9, image_backbone=args.image_backbone, text_backbone=args.text_backbone,
-            pretrained=not args.random_init, img_size=args.image_size, image_peft=args.peft, text_peft=args.peft,
-            missing_strategy="predict", lr=1e-3,
+            task="multiclass",
+            num_classes=9,
+            image_backbone=args.image_backbone,
+            text_backbone=args.text_backbone,
+            pretrained=not args.random_init,
+            img_size=args.image_size,
+            image_peft=args.peft,
+            text_peft=args.peft,
+            missing_strategy="predict",
+            lr=1e-3,
         )
     optimizer = torch.optim.AdamW(system._parameter_groups(), lr=1e-3)
     return system.train(), optimizer
@@ -56,8 +63,12 @@ def data_loader(args: argparse.Namespace):
     from datamodules.emoji import EmojiDataModule
 
     dm = EmojiDataModule(
-        root=args.root, image_size=args.image_size, batch_size=args.batch_size, num_workers=0,
-        image_encoder=args.image_backbone, text_encoder=args.text_backbone,
+        root=args.root,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=0,
+        image_encoder=args.image_backbone,
+        text_encoder=args.text_backbone,
         train_missing={"missing_rate": 0.7, "missing_type": "both"},
     )
     dm.setup("fit")
@@ -88,11 +99,13 @@ class ForwardTimer:
     def _pre(self, name):
         def hook(module, inputs):
             self._starts[name] = time.perf_counter()
+
         return hook
 
     def _post(self, name):
         def hook(module, inputs, output):
             self.totals[name] += time.perf_counter() - self._starts.pop(name)
+
         return hook
 
     def reset(self) -> None:
@@ -105,8 +118,11 @@ class ForwardTimer:
 
 def profile_sections(args: argparse.Namespace, next_batch) -> dict[str, Any]:
     system, optimizer = build(args)
-    parts = {"image_encoder": system.image_encoder, "text_encoder": system.text_encoder,
-             "fusion_head": system.head}
+    parts = {
+        "image_encoder": system.image_encoder,
+        "text_encoder": system.text_encoder,
+        "fusion_head": system.head,
+    }
     if system.has_predictor:
         parts["predictor_image_to_text"] = system.image_to_text
         parts["predictor_text_to_image"] = system.text_to_image
@@ -182,10 +198,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-backbone", default="dinov2-s14")
     parser.add_argument("--text-backbone", default="minilm-l6")
     parser.add_argument("--random-init", action="store_true", help="build the backbones without weights")
-    parser.add_argument("--synthetic-data", action="store_true", help="a fixed synthetic batch instead of emoji")
+    parser.add_argument(
+        "--synthetic-data", action="store_true", help="a fixed synthetic batch instead of emoji"
+    )
     parser.add_argument("--root", default=None, help="unipair cache folder (default $UNIPAIR_CACHE)")
-    parser.add_argument("--operators", type=int, default=25,
-                        help="rows of the torch.profiler operator table (0: no table)")
+    parser.add_argument(
+        "--operators", type=int, default=25, help="rows of the torch.profiler operator table (0: no table)"
+    )
     parser.add_argument("--out", default=str(benchutil.ROOT / "runs" / "bench" / "profile_step.json"))
     return parser.parse_args(argv)
 
@@ -198,9 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
     _, next_batch = data_loader(args)
     document: dict[str, Any] = {"format_version": 1, "header": header, "settings": vars(args)}
     out = Path(args.out)
-    lines = [f"Training step on CPU ({header['machine']['cpu']}, {header['machine']['torch_threads']} threads), "
-             f"{args.image_backbone} + {args.text_backbone}, {args.peft}, batch {args.batch_size}, {args.image_size} px, "
-             f"{'synthetic batch' if args.synthetic_data else 'emoji train batches (num_workers=0)'}; {header['date']}.", ""]
+    lines = [
+        f"Training step on CPU ({header['machine']['cpu']}, {header['machine']['torch_threads']} threads), "
+        f"{args.image_backbone} + {args.text_backbone}, {args.peft}, batch {args.batch_size}, {args.image_size} px, "
+        f"{'synthetic batch' if args.synthetic_data else 'emoji train batches (num_workers=0)'}; {header['date']}.",
+        "",
+    ]
     profile = profile_sections(args, next_batch)
     document["profile"] = {k: v for k, v in profile.items() if k != "operator_table"}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,9 @@ def texts_of(value: Any, where: str = "") -> list[str | None]:
         return [value]
     if isinstance(value, (list, tuple)):
         return list(value) if value else [None]
-    raise TypeError(f"{where + ': ' if where else ''}expected a string or a list of strings, got {type(value).__name__}")
+    raise TypeError(
+        f"{where + ': ' if where else ''}expected a string or a list of strings, got {type(value).__name__}"
+    )
 
 
 def arrow_text_records(path: Path, table, labels: list[Any], ids: list[Any] | None) -> list[SampleRecord]:
@@ -122,7 +124,13 @@ def arrow_text_records(path: Path, table, labels: list[Any], ids: list[Any] | No
         texts = texts_of(texts, where)
         for k, text in enumerate(texts):
             records.append(
-                SampleRecord(id=key if len(texts) == 1 else f"{key}#{k}", key=key, image=row, text=text,
-                             label=label, text_source=where)
+                SampleRecord(
+                    id=key if len(texts) == 1 else f"{key}#{k}",
+                    key=key,
+                    image=row,
+                    text=text,
+                    label=label,
+                    text_source=where,
+                )
             )
     return records

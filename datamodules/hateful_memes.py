@@ -95,7 +95,9 @@ class HatefulMemesDataModule(BenchmarkDataModule):
                 raise ValueError(f"Hateful Memes {where}: field 'text' is {text!r}; expected a string")
             image = entry.get("img")
             if image is not None and not isinstance(image, str):
-                raise ValueError(f"Hateful Memes {where}: field 'img' is {image!r}; expected a path string such as 'img/42953.png'")
+                raise ValueError(
+                    f"Hateful Memes {where}: field 'img' is {image!r}; expected a path string such as 'img/42953.png'"
+                )
             records.append(
                 SampleRecord(
                     id=str(entry["id"]),
@@ -109,7 +111,9 @@ class HatefulMemesDataModule(BenchmarkDataModule):
         return records, FileImageReader(root)
 
     def _arrow_names(self, split: str) -> list[str]:
-        return {"train": ["train"], "val": [self.val_split, "dev", "val"], "test": [self.test_split, "test"]}[split]
+        return {"train": ["train"], "val": [self.val_split, "dev", "val"], "test": [self.test_split, "test"]}[
+            split
+        ]
 
     def _read_arrow(self, path: Path, table) -> tuple[list[SampleRecord], ImageReader]:
         require_columns(table, path, ["image", "text"])

@@ -120,7 +120,9 @@ class MMIMDbDataModule(BenchmarkDataModule):
         except json.JSONDecodeError as exc:
             raise ValueError(f"MM-IMDb: {split_file} is not valid JSON: {exc}") from exc
         if not isinstance(splits, dict):
-            raise ValueError(f"MM-IMDb: {split_file} holds a {type(splits).__name__}; expected an object of id lists")
+            raise ValueError(
+                f"MM-IMDb: {split_file} holds a {type(splits).__name__}; expected an object of id lists"
+            )
         name = _SPLIT_FILE_NAMES[split]
         if name not in splits:
             raise ValueError(f"MM-IMDb: {split_file} has no {name!r} list (keys: {sorted(splits)})")
@@ -228,7 +230,9 @@ class MMIMDbDataModule(BenchmarkDataModule):
                     f"MM-IMDb sample {movie!r} ({source}): column 'label' is {multi_hot!r}; expected 23 values in {{0, 1}}"
                 )
             label = tuple(i for i, v in enumerate(multi_hot) if v == 1)
-            texts = [t for t in texts_of(plots, f"arrow file {path} row {row} column 'plots'") if t is not None]
+            texts = [
+                t for t in texts_of(plots, f"arrow file {path} row {row} column 'plots'") if t is not None
+            ]
             records.extend(self._movie_records(movie, row, texts, None, label, source))
         self._log_ignored()
         return records, ArrowImageReader(path, "image")

@@ -95,23 +95,31 @@ def read_prediction_rows(path: str | os.PathLike) -> list[PredictionRow]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as error:
-            raise PredictionInputError(f"{where}: not valid JSON ({error.msg}); expected one JSON object per line") from error
+            raise PredictionInputError(
+                f"{where}: not valid JSON ({error.msg}); expected one JSON object per line"
+            ) from error
         if not isinstance(obj, dict):
             raise PredictionInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         unknown = sorted(set(obj) - set(ALLOWED_FIELDS))
         if unknown:
-            raise PredictionInputError(f"{where}: unknown field(s) {unknown}; expected some of {list(ALLOWED_FIELDS)}")
+            raise PredictionInputError(
+                f"{where}: unknown field(s) {unknown}; expected some of {list(ALLOWED_FIELDS)}"
+            )
         row_id = obj.get("id", str(line_no))
         if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
             raise PredictionInputError(f"{where}: field 'id' must be a string or an integer, got {row_id!r}")
         row_id = str(row_id)
         if row_id in seen:
-            raise PredictionInputError(f"{where}: id {row_id!r} was already used on line {seen[row_id]}; ids must be unique")
+            raise PredictionInputError(
+                f"{where}: id {row_id!r} was already used on line {seen[row_id]}; ids must be unique"
+            )
         seen[row_id] = line_no
         text = obj.get("text")
         if text is not None:
             if not isinstance(text, str):
-                raise PredictionInputError(f"{where}: field 'text' must be a string or null, got {type(text).__name__}")
+                raise PredictionInputError(
+                    f"{where}: field 'text' must be a string or null, got {type(text).__name__}"
+                )
             if not text.strip():
                 raise PredictionInputError(
                     f"{where}: field 'text' is empty; give a non-empty string, or omit it (or null) for a missing text"
@@ -195,7 +203,9 @@ class JsonlPredictionDataset(Dataset):
         texts = [row.text for row in self.rows if row.text is not None]
         encoded = tokenizer(texts, truncation=True, max_length=max_text_len)["input_ids"] if texts else []
         by_row = iter(encoded)
-        self.token_ids = [None if row.text is None else torch.tensor(next(by_row), dtype=torch.long) for row in self.rows]
+        self.token_ids = [
+            None if row.text is None else torch.tensor(next(by_row), dtype=torch.long) for row in self.rows
+        ]
         self.empty_text_ids = torch.tensor(empty_text_ids(tokenizer, max_text_len), dtype=torch.long)
         self.line_of = {row.id: row.line for row in self.rows}
 
@@ -275,7 +285,9 @@ def prediction_records(
 ) -> list[dict]:
     """Output records (see the module docstring) for one batch of predictions."""
     if logits.shape[-1] != len(label_names):
-        raise ValueError(f"the model gives {logits.shape[-1]} logits but there are {len(label_names)} label names")
+        raise ValueError(
+            f"the model gives {logits.shape[-1]} logits but there are {len(label_names)} label names"
+        )
     scores = scores_from_logits(logits, task).cpu()
     records = []
     for row, sample_id in enumerate(ids):
@@ -340,7 +352,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._handle = open(self.partial, "w", encoding="utf-8")
         self.written = 0
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         if isinstance(prediction, torch.Tensor):
             prediction = {
                 "id": batch["id"],

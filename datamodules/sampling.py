@@ -56,10 +56,17 @@ class EpochShuffleSampler(DistributedSampler):
     """
 
     def __init__(
-        self, dataset: Sized, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+        self,
+        dataset: Sized,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
         drop_last: bool = False,
     ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         self.start_index = 0
 
     def __iter__(self) -> Iterator[int]:
@@ -143,8 +150,10 @@ class ResumableDataLoader(DataLoader):
             return
         sampler: EpochShuffleSampler = self.sampler
         current = {
-            "batch_size": int(self.batch_size), "num_samples": len(sampler.dataset),
-            "num_replicas": sampler.num_replicas, "seed": sampler.seed,
+            "batch_size": int(self.batch_size),
+            "num_samples": len(sampler.dataset),
+            "num_replicas": sampler.num_replicas,
+            "seed": sampler.seed,
         }
         mid_epoch = 0 < state["batches_done"] < len(self)
         changed = {k: (state.get(k), v) for k, v in current.items() if state.get(k) != v}
@@ -207,7 +216,7 @@ class EvenShardBatchSampler(BatchSampler):
         batches, start = [], 0
         for b in range(num_batches):
             size = base + (1 if b < extra else 0)
-            batches.append(mine[start:start + size])
+            batches.append(mine[start : start + size])
             start += size
         return batches
 

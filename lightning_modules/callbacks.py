@@ -49,9 +49,16 @@ def capture_rng_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "cuda": torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else [],
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
 
@@ -62,16 +69,25 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy_state = state["numpy"]
-    np.random.set_state((
-        numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
-    ))
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     python_state = state["python"]
     random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def _last_checkpoint(trainer: Trainer) -> tuple[ModelCheckpoint, str] | None:
@@ -109,7 +125,9 @@ class ResumeState(Callback):
         restore_rng: Restore the random states saved in the checkpoint when resumed training starts.
     """
 
-    def __init__(self, save_on_sigterm: bool = True, last_every_epoch: bool = True, restore_rng: bool = True) -> None:
+    def __init__(
+        self, save_on_sigterm: bool = True, last_every_epoch: bool = True, restore_rng: bool = True
+    ) -> None:
         self.save_on_sigterm = save_on_sigterm
         self.last_every_epoch = last_every_epoch
         self.restore_rng = restore_rng
@@ -229,7 +247,9 @@ class ResumeState(Callback):
             # Tell ModelCheckpoint a last checkpoint exists, so it does not write it again at train end
             # (with the loop counters of a finished run). Not in link mode: it would link last to itself.
             callback._last_checkpoint_saved = path
-        rank_zero_info(f"ResumeState: saved {path} ({why}, global step {trainer.global_step}, epoch {trainer.current_epoch})")
+        rank_zero_info(
+            f"ResumeState: saved {path} ({why}, global step {trainer.global_step}, epoch {trainer.current_epoch})"
+        )
         return path
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -285,7 +305,9 @@ class EvaluationCoverage(Callback):
     on_validation_epoch_start = _reset
     on_test_epoch_start = _reset
 
-    def _collect(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any) -> None:
+    def _collect(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
         if isinstance(batch, dict) and "id" in batch:
             self._ids.extend(str(i) for i in batch["id"])
 

@@ -36,16 +36,24 @@ class PredictionDiagnostics(Metric):
     higher_is_better = None
     full_state_update = False
 
-    def __init__(self, image_dim: int, text_dim: int, task: str = "multiclass", threshold: float = 0.5, **kwargs) -> None:
+    def __init__(
+        self, image_dim: int, text_dim: int, task: str = "multiclass", threshold: float = 0.5, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.task = task
         self.threshold = threshold
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         for direction, dim in zip(DIRECTIONS, (image_dim, text_dim), strict=True):
-            self.add_state(f"cos_{direction}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-            self.add_state(f"correct_{direction}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                f"cos_{direction}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+            )
+            self.add_state(
+                f"correct_{direction}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+            )
             for name in ("sum_pred", "sq_pred", "sum_true", "sq_true"):
-                self.add_state(f"{name}_{direction}", default=torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
+                self.add_state(
+                    f"{name}_{direction}", default=torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum"
+                )
 
     def _correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.task == "multilabel":
@@ -78,8 +86,12 @@ class PredictionDiagnostics(Metric):
         n = self.count.clamp_min(2.0)
         values = {}
         for direction in DIRECTIONS:
+
             def std(name: str, direction: str = direction) -> torch.Tensor:
-                total, squares = getattr(self, f"sum_{name}_{direction}"), getattr(self, f"sq_{name}_{direction}")
+                total, squares = (
+                    getattr(self, f"sum_{name}_{direction}"),
+                    getattr(self, f"sq_{name}_{direction}"),
+                )
                 return ((squares - total.pow(2) / n) / (n - 1)).clamp_min(0.0).sqrt()
 
             values[f"cos_{direction}"] = getattr(self, f"cos_{direction}") / n
@@ -88,7 +100,9 @@ class PredictionDiagnostics(Metric):
             true_std = std("true")
             informative = true_std > 1e-3 * true_std.max().clamp_min(1e-12)
             ratios = std("pred")[informative] / true_std[informative]
-            values[f"std_ratio_{direction}"] = ratios.median() if ratios.numel() else torch.tensor(float("nan"))
+            values[f"std_ratio_{direction}"] = (
+                ratios.median() if ratios.numel() else torch.tensor(float("nan"))
+            )
             values[f"substitution_accuracy_{direction}"] = getattr(self, f"correct_{direction}") / n
         values["num_samples"] = self.count
         return {name: value.float() for name, value in values.items()}

@@ -18,7 +18,9 @@ class FusionHead(nn.Module):
         dropout: dropout before the last Linear (0 = none).
     """
 
-    def __init__(self, image_dim: int, text_dim: int, hidden_dim: int, num_classes: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, image_dim: int, text_dim: int, hidden_dim: int, num_classes: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(image_dim + text_dim, hidden_dim),
@@ -60,7 +62,11 @@ class MissingModalityFill(nn.Module):
             nn.init.normal_(self.missing_text, std=0.02)
 
     def _fill(
-        self, embedding: torch.Tensor, prediction: torch.Tensor | None, present: torch.Tensor, learned: torch.Tensor | None
+        self,
+        embedding: torch.Tensor,
+        prediction: torch.Tensor | None,
+        present: torch.Tensor,
+        learned: torch.Tensor | None,
     ) -> torch.Tensor:
         present = present.bool().unsqueeze(-1)
         if self.spec.encodes_filler:

@@ -120,7 +120,9 @@ def vicreg_loss(
         every parameter that produced them receives a (zero) gradient: DDP sees all parameters used.
     """
     if x.shape != y.shape or x.dim() != 2:
-        raise ValueError(f"vicreg_loss needs two [N, D] tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"vicreg_loss needs two [N, D] tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if stop_grad_target:
         y = y.detach()
     if gather is not None:
@@ -142,7 +144,9 @@ def vicreg_loss(
         zero = anchor
         return VICRegTerms(zero, zero, zero, zero)
     if space == "target_matched":
-        return _target_matched_terms(x, y, inv_coeff, var_coeff, cov_coeff, eps, target_mean, target_std, anchor)
+        return _target_matched_terms(
+            x, y, inv_coeff, var_coeff, cov_coeff, eps, target_mean, target_std, anchor
+        )
 
     invariance = F.mse_loss(x, y)
 
@@ -233,7 +237,9 @@ def per_sample_task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) 
     """Task loss per sample ``[B]``: BCE-with-logits averaged over labels for ``multilabel``,
     cross-entropy for ``multiclass`` and ``binary`` (binary uses two logits)."""
     if task == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=1)
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(
+            dim=1
+        )
     if task in ("multiclass", "binary"):
         return F.cross_entropy(logits, labels.long(), reduction="none")
     raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")

@@ -60,7 +60,11 @@ class MultilabelSamplesF1(Metric):
     full_state_update = False
 
     def __init__(
-        self, num_labels: int, threshold: float = 0.5, zero_division: float = 0.0, ignore_index: int | None = None,
+        self,
+        num_labels: int,
+        threshold: float = 0.5,
+        zero_division: float = 0.0,
+        ignore_index: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -80,7 +84,11 @@ class MultilabelSamplesF1(Metric):
         if preds.is_floating_point() and preds.numel() and ((preds < 0) | (preds > 1)).any():
             preds = preds.sigmoid()
         predicted = preds >= self.threshold if preds.is_floating_point() else preds.bool()
-        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        valid = (
+            target != self.ignore_index
+            if self.ignore_index is not None
+            else torch.ones_like(target, dtype=torch.bool)
+        )
         counted = valid.any(dim=1)
         predicted, truth, valid = predicted[counted], (target == 1)[counted], valid[counted]
         true_pos = (predicted & truth & valid).sum(dim=1).double()
@@ -88,7 +96,9 @@ class MultilabelSamplesF1(Metric):
         false_neg = (~predicted & truth & valid).sum(dim=1).double()
         denominator = 2 * true_pos + false_pos + false_neg
         f1 = torch.where(
-            denominator > 0, 2 * true_pos / denominator.clamp_min(1), torch.full_like(denominator, self.zero_division)
+            denominator > 0,
+            2 * true_pos / denominator.clamp_min(1),
+            torch.full_like(denominator, self.zero_division),
         )
         self.f1_sum += f1.sum()
         self.num_samples += truth.shape[0]
@@ -117,9 +127,15 @@ def build_metric_collection(
     if task == "multiclass":
         return MetricCollection(
             {
-                "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore_index),
-                "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro", ignore_index=ignore_index),
-                "ece": MulticlassCalibrationError(num_classes=num_classes, n_bins=15, ignore_index=ignore_index),
+                "accuracy": MulticlassAccuracy(
+                    num_classes=num_classes, average="micro", ignore_index=ignore_index
+                ),
+                "f1_macro": MulticlassF1Score(
+                    num_classes=num_classes, average="macro", ignore_index=ignore_index
+                ),
+                "ece": MulticlassCalibrationError(
+                    num_classes=num_classes, n_bins=15, ignore_index=ignore_index
+                ),
             }
         )
     if task == "binary":

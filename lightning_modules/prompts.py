@@ -38,7 +38,9 @@ class DeepPrompts(nn.Module):
     def __init__(self, depth: int, length: int, dim: int, init_std: float = 0.02) -> None:
         super().__init__()
         if depth < 1 or length < 1:
-            raise ValueError(f"DeepPrompts needs depth >= 1 and length >= 1, got depth={depth}, length={length}")
+            raise ValueError(
+                f"DeepPrompts needs depth >= 1 and length >= 1, got depth={depth}, length={length}"
+            )
         self.depth = depth
         self.length = length
         self.tokens = nn.Parameter(torch.empty(depth, length, dim))

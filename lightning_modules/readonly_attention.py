@@ -90,11 +90,15 @@ def split_attention(
     if num_readonly == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask(n), dropout_p=dropout_p)
     k_orig, v_orig = k[:, :, :n], v[:, :, :n]
-    original = F.scaled_dot_product_attention(q[:, :, :n], k_orig, v_orig, attn_mask=mask(n), dropout_p=dropout_p)
+    original = F.scaled_dot_product_attention(
+        q[:, :, :n], k_orig, v_orig, attn_mask=mask(n), dropout_p=dropout_p
+    )
     if detach_original:
         k = torch.cat([k_orig.detach(), k[:, :, n:]], dim=2)
         v = torch.cat([v_orig.detach(), v[:, :, n:]], dim=2)
-    readonly = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=mask(n + num_readonly), dropout_p=dropout_p)
+    readonly = F.scaled_dot_product_attention(
+        q[:, :, n:], k, v, attn_mask=mask(n + num_readonly), dropout_p=dropout_p
+    )
     return torch.cat([original, readonly], dim=2)
 
 
@@ -134,7 +138,9 @@ class VitBlockAttention(LayerAttention):
     def __init__(self, block: nn.Module) -> None:
         attn = block.attn
         if getattr(attn, "gate", None) is not None:
-            raise ValueError("image backbone: gated attention blocks are not supported by the read-only attention")
+            raise ValueError(
+                "image backbone: gated attention blocks are not supported by the read-only attention"
+            )
         self.layer = block
 
     def pre_attention(self, x: torch.Tensor, detached: bool) -> torch.Tensor:
@@ -168,7 +174,9 @@ class BertLayerAttention(LayerAttention):
         self_attention = layer.attention.self
         kind = getattr(self_attention, "position_embedding_type", "absolute")
         if kind not in (None, "absolute"):
-            raise ValueError(f"text backbone: position_embedding_type {kind!r} is not supported (absolute only)")
+            raise ValueError(
+                f"text backbone: position_embedding_type {kind!r} is not supported (absolute only)"
+            )
         self.layer = layer
         self.num_heads = int(self_attention.num_attention_heads)
 
@@ -177,7 +185,10 @@ class BertLayerAttention(LayerAttention):
 
     def project(self, h: torch.Tensor, detached: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = self.layer.attention.self
-        return tuple(_heads(module_call(proj, detached, h), self.num_heads) for proj in (attn.query, attn.key, attn.value))
+        return tuple(
+            _heads(module_call(proj, detached, h), self.num_heads)
+            for proj in (attn.query, attn.key, attn.value)
+        )
 
     def post_attention(self, context: torch.Tensor, x: torch.Tensor, detached: bool) -> torch.Tensor:
         return module_call(self.layer.attention.output, detached, context, x)

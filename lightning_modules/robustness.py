@@ -62,7 +62,9 @@ def primary_rows(rows: Sequence[dict], metric: str) -> list[dict]:
     """The rows of ``metric`` only."""
     selected = [row for row in rows if row["metric"] == metric]
     if not selected:
-        raise ValueError(f"no robustness rows for metric {metric!r}; rows have {sorted({r['metric'] for r in rows})}")
+        raise ValueError(
+            f"no robustness rows for metric {metric!r}; rows have {sorted({r['metric'] for r in rows})}"
+        )
     return selected
 
 
@@ -87,7 +89,9 @@ def markdown_table(rows: Sequence[dict], metric: str, title: str | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def plot_robustness(rows: Sequence[dict], metric: str, path: str | os.PathLike, title: str | None = None) -> Path:
+def plot_robustness(
+    rows: Sequence[dict], metric: str, path: str | os.PathLike, title: str | None = None
+) -> Path:
     """Save a PNG of ``metric`` vs missing rate, one line per missing type."""
     import matplotlib
 
@@ -97,8 +101,14 @@ def plot_robustness(rows: Sequence[dict], metric: str, path: str | os.PathLike, 
     selected = primary_rows(rows, metric)
     figure, axes = plt.subplots(figsize=(6.0, 4.0), dpi=120)
     for missing_type in dict.fromkeys(row["missing_type"] for row in selected):
-        points = sorted((float(r["missing_rate"]), float(r["value"])) for r in selected if r["missing_type"] == missing_type)
-        axes.plot([100 * p[0] for p in points], [p[1] for p in points], marker="o", label=f"{missing_type} missing")
+        points = sorted(
+            (float(r["missing_rate"]), float(r["value"]))
+            for r in selected
+            if r["missing_type"] == missing_type
+        )
+        axes.plot(
+            [100 * p[0] for p in points], [p[1] for p in points], marker="o", label=f"{missing_type} missing"
+        )
     axes.set_xlabel("test missing rate η (%)")
     axes.set_ylabel(metric)
     axes.grid(True, alpha=0.3)
@@ -141,7 +151,9 @@ def write_robustness_files(
     }
     paths["json"].write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     with open(paths["csv"], "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(ROW_FIELDS), extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(
+            handle, fieldnames=list(ROW_FIELDS), extrasaction="ignore", lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows(rows)
     paths["md"].write_text(markdown_table(rows, metric, title=title), encoding="utf-8")
@@ -176,7 +188,9 @@ def parse_grid(missing_rates: Iterable[float], missing_types: Iterable[str]) -> 
             raise ValueError(f"missing_rates: every rate must be in [0, 1], got {rate!r}")
     for missing_type in types:
         if missing_type not in MISSING_TYPES:
-            raise ValueError(f"missing_types: unknown type {missing_type!r}; expected some of {list(MISSING_TYPES)}")
+            raise ValueError(
+                f"missing_types: unknown type {missing_type!r}; expected some of {list(MISSING_TYPES)}"
+            )
     return [(t, r) for t in dict.fromkeys(types) for r in sorted(set(rates))]
 
 
@@ -203,7 +217,9 @@ class EncodedSplit:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def encode_split(
@@ -223,7 +239,9 @@ def encode_split(
     labels, image_usable, text_usable = [], [], []
     total = len(loader) if hasattr(loader, "__len__") else None
     with torch.inference_mode():
-        for batch in tqdm(loader, total=total, desc="robustness: encoding the test split", disable=not progress):
+        for batch in tqdm(
+            loader, total=total, desc="robustness: encoding the test split", disable=not progress
+        ):
             batch = _to_device(batch, device)
             with autocast():
                 encoded = system.encode(batch)
@@ -240,7 +258,9 @@ def encode_split(
     embeddings.update({name: None for name in absent - set(parts)})
     missing_keys = [i for i in ids if i not in keys_by_id]
     if missing_keys:
-        raise KeyError(f"robustness: sample ids {missing_keys[:3]} of the loader are not in the dataset's key table")
+        raise KeyError(
+            f"robustness: sample ids {missing_keys[:3]} of the loader are not in the dataset's key table"
+        )
     return EncodedSplit(
         ids=ids,
         keys=[keys_by_id[i] for i in ids],
@@ -274,7 +294,9 @@ def fuse_setting(
                 for name, value in encoded.embeddings.items()
             }
             with autocast():
-                out = system.fuse_with_missing(emb, image_present[start:stop].to(device), text_present[start:stop].to(device))
+                out = system.fuse_with_missing(
+                    emb, image_present[start:stop].to(device), text_present[start:stop].to(device)
+                )
             logits.append(out.detach().float().cpu())
     return torch.cat(logits)
 

@@ -188,9 +188,13 @@ class UnipairSystem(LightningModule):
         check_predictor(get_strategy(missing_strategy), predictor_length, substitution)
         check_readonly_grad(readonly_grad)
         if vicreg_space not in VICREG_SPACES:
-            raise ValueError(f"vicreg_space: unknown value {vicreg_space!r}; expected one of {list(VICREG_SPACES)}")
+            raise ValueError(
+                f"vicreg_space: unknown value {vicreg_space!r}; expected one of {list(VICREG_SPACES)}"
+            )
         if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule: unknown schedule {lr_schedule!r}; expected one of {list(LR_SCHEDULES)}")
+            raise ValueError(
+                f"lr_schedule: unknown schedule {lr_schedule!r}; expected one of {list(LR_SCHEDULES)}"
+            )
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         if nonfinite_policy not in NONFINITE_POLICIES:
@@ -202,21 +206,35 @@ class UnipairSystem(LightningModule):
         # identical every time the module is constructed (checkpoints do not store it).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(backbone_init_seed)
-            image_model = sources.create_image_backbone(image_backbone, pretrained=pretrained, img_size=img_size)
+            image_model = sources.create_image_backbone(
+                image_backbone, pretrained=pretrained, img_size=img_size
+            )
             text_model = sources.create_text_backbone(text_backbone, pretrained=pretrained)
         text_pooling = text_pooling or sources.default_text_pooling(text_backbone)
         image_layers, text_layers = len(image_model.blocks), len(text_model.encoder.layer)
         self.image_encoder = ImageEncoder(
-            image_model, peft_mode=image_peft, prompt_length=prompt_length,
-            prompt_depth=min(prompt_depth, image_layers), predictor_length=predictor_length,
-            pooling=image_pooling, readonly_grad=readonly_grad,
-            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            image_model,
+            peft_mode=image_peft,
+            prompt_length=prompt_length,
+            prompt_depth=min(prompt_depth, image_layers),
+            predictor_length=predictor_length,
+            pooling=image_pooling,
+            readonly_grad=readonly_grad,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
         )
         self.text_encoder = TextEncoder(
-            text_model, peft_mode=text_peft, prompt_length=prompt_length,
-            prompt_depth=min(prompt_depth, text_layers), predictor_length=predictor_length,
-            pooling=text_pooling, readonly_grad=readonly_grad,
-            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            text_model,
+            peft_mode=text_peft,
+            prompt_length=prompt_length,
+            prompt_depth=min(prompt_depth, text_layers),
+            predictor_length=predictor_length,
+            pooling=text_pooling,
+            readonly_grad=readonly_grad,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
         )
         image_dim, text_dim = self.image_encoder.embed_dim, self.text_encoder.embed_dim
         self.has_predictor = predictor_length > 0
@@ -234,8 +252,10 @@ class UnipairSystem(LightningModule):
         self.epoch_metrics = StageMetrics(task, num_classes, multilabel_threshold, self.loss_names())
         if self.has_predictor:
             self.prediction_diagnostics = nn.ModuleDict(
-                {f"{stage}_metrics": PredictionDiagnostics(image_dim, text_dim, task, multilabel_threshold)
-                 for stage in CASE_STAGES}
+                {
+                    f"{stage}_metrics": PredictionDiagnostics(image_dim, text_dim, task, multilabel_threshold)
+                    for stage in CASE_STAGES
+                }
             )
         self._tokenizer: Any = None
         self._filler_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
@@ -277,8 +297,14 @@ class UnipairSystem(LightningModule):
         neither = ~(image_present | text_present)
         if neither.any():
             ids = batch.get("id")
-            bad = [ids[i] for i in neither.nonzero().flatten().tolist()] if ids is not None else neither.nonzero().flatten().tolist()
-            raise ValueError(f"samples with neither image nor text are invalid input (image_present and text_present both False): {bad}")
+            bad = (
+                [ids[i] for i in neither.nonzero().flatten().tolist()]
+                if ids is not None
+                else neither.nonzero().flatten().tolist()
+            )
+            raise ValueError(
+                f"samples with neither image nor text are invalid input (image_present and text_present both False): {bad}"
+            )
         return image_present, text_present
 
     def encode(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
@@ -411,9 +437,15 @@ class UnipairSystem(LightningModule):
         loss = task_loss
         if self.has_predictor:
             gather = all_gather_with_grad if self._distributed() else None
-            options = {"inv_coeff": hp.vicreg_inv_coeff, "var_coeff": hp.vicreg_var_coeff,
-                       "cov_coeff": hp.vicreg_cov_coeff, "mask": complete, "gather": gather,
-                       "stop_grad_target": hp.stop_grad_target, "space": hp.vicreg_space}
+            options = {
+                "inv_coeff": hp.vicreg_inv_coeff,
+                "var_coeff": hp.vicreg_var_coeff,
+                "cov_coeff": hp.vicreg_cov_coeff,
+                "mask": complete,
+                "gather": gather,
+                "stop_grad_target": hp.stop_grad_target,
+                "space": hp.vicreg_space,
+            }
             mean_v, std_v = self._target_statistics("image_moments", emb["z_v"], complete)
             mean_t, std_t = self._target_statistics("text_moments", emb["z_t"], complete)
             to_image = vicreg_loss(emb["zhat_v"], emb["z_v"], target_mean=mean_v, target_std=std_v, **options)
@@ -457,8 +489,10 @@ class UnipairSystem(LightningModule):
         logits = self.fuse(emb, image_present, text_present)
         losses = self.loss_terms(batch, emb, logits)
         if stage in CASE_STAGES and self.has_predictor:
-            substitution_logits = {"image": self.head(emb["zhat_v"], emb["z_t"]),
-                                   "text": self.head(emb["z_v"], emb["zhat_t"])}
+            substitution_logits = {
+                "image": self.head(emb["zhat_v"], emb["z_t"]),
+                "text": self.head(emb["z_v"], emb["zhat_t"]),
+            }
             self.prediction_diagnostics[f"{stage}_metrics"].update(
                 emb, substitution_logits, batch["label"], image_present & text_present
             )
@@ -468,8 +502,13 @@ class UnipairSystem(LightningModule):
                 return skipped_batch_loss(self, self.device)
             for name, value in losses.items():
                 self.log(
-                    f"{stage}/{name}", value, on_step=True, on_epoch=True, batch_size=logits.shape[0],
-                    prog_bar=name == "loss", sync_dist=True,
+                    f"{stage}/{name}",
+                    value,
+                    on_step=True,
+                    on_epoch=True,
+                    batch_size=logits.shape[0],
+                    prog_bar=name == "loss",
+                    sync_dist=True,
                 )
         else:
             self.nonfinite_guard.check_logits(logits, batch.get("id"), stage)
@@ -480,7 +519,10 @@ class UnipairSystem(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.nonfinite_guard.before_optimizer_step(
-            optimizer, self.named_parameters, self.global_step, str(self.trainer.precision),
+            optimizer,
+            self.named_parameters,
+            self.global_step,
+            str(self.trainer.precision),
             self.hparams.nonfinite_policy,
         )
 
@@ -495,7 +537,9 @@ class UnipairSystem(LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         logits = self(batch)
-        preds, _ = metric_inputs(logits, batch["label"], self.hparams.task) if "label" in batch else (None, None)
+        preds, _ = (
+            metric_inputs(logits, batch["label"], self.hparams.task) if "label" in batch else (None, None)
+        )
         return {
             "id": batch.get("id"),
             "logits": logits,
@@ -537,7 +581,12 @@ class UnipairSystem(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         return configure_adamw(
-            self, hp.lr, hp.head_lr, hp.weight_decay, hp.warmup_fraction, hp.lr_schedule,
+            self,
+            hp.lr,
+            hp.head_lr,
+            hp.weight_decay,
+            hp.warmup_fraction,
+            hp.lr_schedule,
             total_steps=self.trainer.estimated_stepping_batches,
         )
 

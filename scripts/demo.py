@@ -47,14 +47,28 @@ MISSING_TYPES = ("text", "image", "both")
 MODELS: dict[str, tuple[str, list[str]]] = {
     "method": ("method.yaml", []),
     "zero_plain": ("zero.yaml", []),
-    "oracle_image": ("zero.yaml", [
-        "--data.init_args.train_missing", '{"missing_rate": 1.0, "missing_type": "text"}',
-        "--data.init_args.val_missing", '{"missing_rate": 1.0, "missing_type": "text"}',
-        "--model.init_args.text_peft", "frozen"]),
-    "oracle_text": ("zero.yaml", [
-        "--data.init_args.train_missing", '{"missing_rate": 1.0, "missing_type": "image"}',
-        "--data.init_args.val_missing", '{"missing_rate": 1.0, "missing_type": "image"}',
-        "--model.init_args.image_peft", "frozen"]),
+    "oracle_image": (
+        "zero.yaml",
+        [
+            "--data.init_args.train_missing",
+            '{"missing_rate": 1.0, "missing_type": "text"}',
+            "--data.init_args.val_missing",
+            '{"missing_rate": 1.0, "missing_type": "text"}',
+            "--model.init_args.text_peft",
+            "frozen",
+        ],
+    ),
+    "oracle_text": (
+        "zero.yaml",
+        [
+            "--data.init_args.train_missing",
+            '{"missing_rate": 1.0, "missing_type": "image"}',
+            "--data.init_args.val_missing",
+            '{"missing_rate": 1.0, "missing_type": "image"}',
+            "--model.init_args.image_peft",
+            "frozen",
+        ],
+    ),
 }
 EVALUATED = ("method", "zero_plain")  # the models with a robustness sweep; the oracle is combined
 BASELINE = "zero_plain"
@@ -62,20 +76,44 @@ PROGRESS = re.compile(r"Epoch (\d+):\s+(\d+)%")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the experiment config)")
-    parser.add_argument("--image-size", type=int, default=None, help="image encoder resolution (default: the experiment config)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default: the experiment config)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image encoder resolution (default: the experiment config)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the data config)")
-    parser.add_argument("--limit-train-batches", type=float, default=None, help="Lightning's limit_train_batches (quick checks)")
+    parser.add_argument(
+        "--limit-train-batches",
+        type=float,
+        default=None,
+        help="Lightning's limit_train_batches (quick checks)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="models trained at the same time (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to train")
-    parser.add_argument("--encoders-config", default=str(CONFIGS / "model" / "encoders" / "offline.yaml"),
-                        help="encoder config (default: offline)")
-    parser.add_argument("--reuse-runs", action="store_true",
-                        help="train nothing: tabulate the latest run folders under --out (e.g. after changing the report)")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further `unipair fit` options for every model")
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to train"
+    )
+    parser.add_argument(
+        "--encoders-config",
+        default=str(CONFIGS / "model" / "encoders" / "offline.yaml"),
+        help="encoder config (default: offline)",
+    )
+    parser.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="train nothing: tabulate the latest run folders under --out (e.g. after changing the report)",
+    )
+    parser.add_argument(
+        "--extra", nargs=argparse.REMAINDER, default=[], help="further `unipair fit` options for every model"
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be >= 1")
@@ -86,14 +124,22 @@ def fit_arguments(args: argparse.Namespace, name: str) -> list[str]:
     strategy_config, extra = MODELS[name]
     fit = [
         "fit",
-        "--config", str(CONFIGS / "data" / "emoji.yaml"),
-        "--config", args.encoders_config,
-        "--config", str(CONFIGS / "model" / "strategy" / strategy_config),
-        "--config", str(CONFIGS / "missing" / "missing_training_both.yaml"),
-        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
-        "--config", str(CONFIGS / "experiment" / "emoji_demo.yaml"),
-        "--trainer.logger.init_args.save_dir", args.out,
-        "--trainer.logger.init_args.name", name,
+        "--config",
+        str(CONFIGS / "data" / "emoji.yaml"),
+        "--config",
+        args.encoders_config,
+        "--config",
+        str(CONFIGS / "model" / "strategy" / strategy_config),
+        "--config",
+        str(CONFIGS / "missing" / "missing_training_both.yaml"),
+        "--config",
+        str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--config",
+        str(CONFIGS / "experiment" / "emoji_demo.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        args.out,
+        "--trainer.logger.init_args.name",
+        name,
         # tqdm writes its updates to the log file (the rich bar draws only on a terminal): the driver's bars read them.
         "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar",
         *extra,
@@ -127,18 +173,30 @@ def run_jobs(args: argparse.Namespace, out: Path, names: list[str], started: flo
     """Train (and, for the evaluated models, sweep) every model, ``--jobs`` at a time; a progress bar each."""
     from tqdm import tqdm
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "PYTHONUNBUFFERED": "1",
+    }
     queue, running, done = list(names), {}, {}
-    bars = {name: tqdm(total=100, desc=f"{name:>12}", position=i, leave=True, bar_format="{desc} {bar} {n}% {postfix}")
-            for i, name in enumerate(names)}
+    bars = {
+        name: tqdm(
+            total=100, desc=f"{name:>12}", position=i, leave=True, bar_format="{desc} {bar} {n}% {postfix}"
+        )
+        for i, name in enumerate(names)
+    }
     while queue or running:
         while queue and len(running) < args.jobs:
             name = queue.pop(0)
             log = open(out / f"{name}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed when the job ends)
             command = [sys.executable, str(REPO / "cli.py"), *fit_arguments(args, name)]
-            running[name] = {"process": subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO),
-                             "log": log, "began": time.perf_counter(), "phase": "fit"}
+            running[name] = {
+                "process": subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO),
+                "log": log,
+                "began": time.perf_counter(),
+                "phase": "fit",
+            }
             bars[name].set_postfix_str("training")
         time.sleep(2)
         for name, job in list(running.items()):
@@ -157,14 +215,27 @@ def run_jobs(args: argparse.Namespace, out: Path, names: list[str], started: flo
                 job["log"].close()
                 for other in running.values():
                     other["process"].terminate()
-                raise SystemExit(f"demo: {name} {job['phase']} failed (exit {code}); see {out / (name + '.log')}")
+                raise SystemExit(
+                    f"demo: {name} {job['phase']} failed (exit {code}); see {out / (name + '.log')}"
+                )
             if job["phase"] == "fit" and name in EVALUATED:
                 job["train_s"] = time.perf_counter() - job["began"]
                 run = _latest_run(out, name)
                 job.update(phase="robustness", began_eval=time.perf_counter(), run=run)
-                command = [sys.executable, str(REPO / "cli.py"), "robustness", "--config", str(run / "config.yaml"),
-                           "--ckpt_path", str(_best_checkpoint(run)), "--out_dir", str(run / "robustness")]
-                job["process"] = subprocess.Popen(command, stdout=job["log"], stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                command = [
+                    sys.executable,
+                    str(REPO / "cli.py"),
+                    "robustness",
+                    "--config",
+                    str(run / "config.yaml"),
+                    "--ckpt_path",
+                    str(_best_checkpoint(run)),
+                    "--out_dir",
+                    str(run / "robustness"),
+                ]
+                job["process"] = subprocess.Popen(
+                    command, stdout=job["log"], stderr=subprocess.STDOUT, env=env, cwd=REPO
+                )
                 bars[name].set_postfix_str("robustness sweep")
                 continue
             job["log"].close()
@@ -235,7 +306,9 @@ def oracle_rows(out: Path, runs: dict[str, Path], rates: list[float]) -> list[di
         model.eval()
         dataset = complete.datasets["test"]
         keys_by_id = dict(zip(dataset.ids, dataset.keys, strict=True))
-        encoded = encode_split(model, complete.test_dataloader(), keys_by_id, torch.device("cpu"), progress=False)
+        encoded = encode_split(
+            model, complete.test_dataloader(), keys_by_id, torch.device("cpu"), progress=False
+        )
         everything = torch.ones(len(encoded.labels), dtype=torch.bool)
         image_on, text_on = everything, everything
         if name == "oracle_image":
@@ -248,31 +321,51 @@ def oracle_rows(out: Path, runs: dict[str, Path], rates: list[float]) -> list[di
     for missing_type in MISSING_TYPES:
         for rate in rates:
             presence = complete.presence_masks(
-                "test", {"missing_rate": rate, "missing_type": missing_type, "both_ratio": both_ratio},
-                image_usable=encoded.image_usable.numpy(), text_usable=encoded.text_usable.numpy())
+                "test",
+                {"missing_rate": rate, "missing_type": missing_type, "both_ratio": both_ratio},
+                image_usable=encoded.image_usable.numpy(),
+                text_usable=encoded.text_usable.numpy(),
+            )
             image = torch.as_tensor(presence.image_present).bool()
             text = torch.as_tensor(presence.text_present).bool()
-            combined = torch.where((image & text)[:, None], logits[BASELINE],
-                                   torch.where(image[:, None], logits["oracle_image"], logits["oracle_text"]))
+            combined = torch.where(
+                (image & text)[:, None],
+                logits[BASELINE],
+                torch.where(image[:, None], logits["oracle_image"], logits["oracle_text"]),
+            )
             metrics = build_metric_collection("multiclass", combined.shape[1])
             metrics.update(*metric_inputs(combined, labels, "multiclass"))
             for metric, value in metrics.compute().items():
-                rows.append({"strategy": "oracle", "missing_type": missing_type, "missing_rate": rate,
-                             "metric": metric, "value": float(value)})
+                rows.append(
+                    {
+                        "strategy": "oracle",
+                        "missing_type": missing_type,
+                        "missing_rate": rate,
+                        "metric": metric,
+                        "value": float(value),
+                    }
+                )
     return rows
 
 
 def comparison_table(results: dict[str, list[dict]], metric: str) -> str:
     """Markdown: one line per (missing type, rate), the metric of each model and method − baseline."""
     names = list(results)
-    value = {(s, r["missing_type"], r["missing_rate"]): r["value"] for s, rows in results.items() for r in rows
-             if r["metric"] == metric}
+    value = {
+        (s, r["missing_type"], r["missing_rate"]): r["value"]
+        for s, rows in results.items()
+        for r in rows
+        if r["metric"] == metric
+    }
     keys = sorted({(t, rate) for (_, t, rate) in value}, key=lambda k: (MISSING_TYPES.index(k[0]), k[1]))
-    lines = [f"| missing type | missing rate | {' | '.join(names)} | method − {BASELINE} |",
-             "|---|---:|" + "---:|" * (len(names) + 1)]
+    lines = [
+        f"| missing type | missing rate | {' | '.join(names)} | method − {BASELINE} |",
+        "|---|---:|" + "---:|" * (len(names) + 1),
+    ]
     for missing_type, rate in keys:
-        cells = " | ".join(f"{value[(s, missing_type, rate)]:.3f}" if (s, missing_type, rate) in value else ""
-                           for s in names)
+        cells = " | ".join(
+            f"{value[(s, missing_type, rate)]:.3f}" if (s, missing_type, rate) in value else "" for s in names
+        )
         difference = value[("method", missing_type, rate)] - value[(BASELINE, missing_type, rate)]
         lines.append(f"| {missing_type} | {100 * rate:g}% | {cells} | {difference:+.3f} |")
     return "\n".join(lines) + "\n"
@@ -287,9 +380,16 @@ def plot(results: dict[str, list[dict]], metric: str, path: Path) -> None:
     figure, axes = plt.subplots(1, len(MISSING_TYPES), figsize=(13, 4), sharey=True)
     for axis, missing_type in zip(axes, MISSING_TYPES, strict=True):
         for name, rows in results.items():
-            points = sorted((r["missing_rate"], r["value"]) for r in rows
-                            if r["metric"] == metric and r["missing_type"] == missing_type)
-            style = {"linestyle": "--", "color": "black"} if name == "oracle" else {"marker": "o", "markersize": 3}
+            points = sorted(
+                (r["missing_rate"], r["value"])
+                for r in rows
+                if r["metric"] == metric and r["missing_type"] == missing_type
+            )
+            style = (
+                {"linestyle": "--", "color": "black"}
+                if name == "oracle"
+                else {"marker": "o", "markersize": 3}
+            )
             axis.plot([100 * p[0] for p in points], [p[1] for p in points], label=name, **style)
         axis.set_title(f"{missing_type} missing at test")
         axis.set_xlabel("test missing rate η (%)")
@@ -328,17 +428,31 @@ def main(argv: list[str] | None = None) -> dict:
         results["oracle"] = oracle_rows(out, {n: done[n]["run"] for n in done}, rates)
         oracle_s = time.perf_counter() - began
 
-    lines = ["# unipair demo: the method vs the plain baseline on emoji, with the ceiling", "",
-             f"Test {metric} over the test missing rate, missing training (η = 70 %, both) for `method` and "
-             f"`{BASELINE}` (zero stand-in, no predictor, no VICReg); `oracle` = complete samples as `{BASELINE}` "
-             "predicts them, the others by a dedicated image-only / text-only model.", ""]
+    lines = [
+        "# unipair demo: the method vs the plain baseline on emoji, with the ceiling",
+        "",
+        f"Test {metric} over the test missing rate, missing training (η = 70 %, both) for `method` and "
+        f"`{BASELINE}` (zero stand-in, no predictor, no VICReg); `oracle` = complete samples as `{BASELINE}` "
+        "predicts them, the others by a dedicated image-only / text-only model.",
+        "",
+    ]
     if "method" in results and BASELINE in results:
         lines += [comparison_table(results, metric)]
-        at70 = {(s, r["missing_type"]): r["value"] for s, rows in results.items() for r in rows
-                if r["metric"] == metric and abs(r["missing_rate"] - 0.7) < 1e-9}
-        lines += ["At 70 %: " + "; ".join(
-            f"{t}: method {at70[('method', t)]:.3f}, {BASELINE} {at70[(BASELINE, t)]:.3f}"
-            + (f", oracle {at70[('oracle', t)]:.3f}" if ("oracle", t) in at70 else "") for t in MISSING_TYPES), ""]
+        at70 = {
+            (s, r["missing_type"]): r["value"]
+            for s, rows in results.items()
+            for r in rows
+            if r["metric"] == metric and abs(r["missing_rate"] - 0.7) < 1e-9
+        }
+        lines += [
+            "At 70 %: "
+            + "; ".join(
+                f"{t}: method {at70[('method', t)]:.3f}, {BASELINE} {at70[(BASELINE, t)]:.3f}"
+                + (f", oracle {at70[('oracle', t)]:.3f}" if ("oracle", t) in at70 else "")
+                for t in MISSING_TYPES
+            ),
+            "",
+        ]
         plot(results, metric, out / "comparison.png")
     lines += ["Convergence (validation accuracy per epoch; the last epoch's gain):", ""]
     for name, job in done.items():
@@ -350,16 +464,24 @@ def main(argv: list[str] | None = None) -> dict:
         if job.get("reused"):
             lines.append(f"- {name}: reused {job['run']} (not trained in this run)")
             continue
-        lines.append(f"- {name}: training {job['train_s']:.0f} s" + (f", robustness sweep {job['eval_s']:.0f} s"
-                                                                    if "eval_s" in job else ""))
+        lines.append(
+            f"- {name}: training {job['train_s']:.0f} s"
+            + (f", robustness sweep {job['eval_s']:.0f} s" if "eval_s" in job else "")
+        )
     total = time.perf_counter() - started
-    lines += [f"- training and sweeps ({args.jobs} at a time, {args.threads} thread(s) each): {training_wall:.0f} s wall",
-              f"- the ceiling: {oracle_s:.0f} s", f"- total {total:.0f} s ({total / 60:.1f} min)", ""]
+    lines += [
+        f"- training and sweeps ({args.jobs} at a time, {args.threads} thread(s) each): {training_wall:.0f} s wall",
+        f"- the ceiling: {oracle_s:.0f} s",
+        f"- total {total:.0f} s ({total / 60:.1f} min)",
+        "",
+    ]
     report = "\n".join(lines)
     (out / "comparison.md").write_text(report, encoding="utf-8")
     print("\n" + report)
-    print(f"Figure {out / 'comparison.png'}; run folders, checkpoints, TensorBoard logs and robustness files under "
-          f"{out}/ (tensorboard --logdir {out}).")
+    print(
+        f"Figure {out / 'comparison.png'}; run folders, checkpoints, TensorBoard logs and robustness files under "
+        f"{out}/ (tensorboard --logdir {out})."
+    )
     return {"results": results, "jobs": done, "total_s": total}
 
 

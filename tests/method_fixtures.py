@@ -53,14 +53,19 @@ class SyntheticPairs(Dataset):
         seed: int = 0,
     ) -> None:
         generator = torch.Generator().manual_seed(seed)
-        templates = torch.randn(num_classes, 3, IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(1234))
+        templates = torch.randn(
+            num_classes, 3, IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(1234)
+        )
         words = torch.arange(2000, 2000 + 5 * num_classes).view(num_classes, 5)
         self.task, self.num_classes = task, num_classes
         self.classes = torch.randint(0, num_classes, (num_samples,), generator=generator)
-        self.images = templates[self.classes] + 0.5 * torch.randn(num_samples, 3, IMG_SIZE, IMG_SIZE, generator=generator)
+        self.images = templates[self.classes] + 0.5 * torch.randn(
+            num_samples, 3, IMG_SIZE, IMG_SIZE, generator=generator
+        )
         lengths = torch.randint(2, 7, (num_samples,), generator=generator)
         self.texts = [
-            words[c][torch.randint(0, 5, (int(n),), generator=generator)] for c, n in zip(self.classes, lengths, strict=True)
+            words[c][torch.randint(0, 5, (int(n),), generator=generator)]
+            for c, n in zip(self.classes, lengths, strict=True)
         ]
         codes = missing_codes or [COMPLETE]
         self.codes = [codes[i % len(codes)] for i in range(num_samples)]

@@ -25,8 +25,24 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-TINY_BENCH = ["--encoders", "tiny", "--image-size", "32", "--batch-size", "4", "--text-len", "8", "--warmup", "0",
-              "--steps", "2", "--infer-steps", "1", "--isolation", "inprocess"]
+TINY_BENCH = [
+    "--encoders",
+    "tiny",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--text-len",
+    "8",
+    "--warmup",
+    "0",
+    "--steps",
+    "2",
+    "--infer-steps",
+    "1",
+    "--isolation",
+    "inprocess",
+]
 
 
 # -------------------------------------------------------------------------------------------- bench
@@ -57,9 +73,18 @@ def test_bench_writes_rows_summary_and_table(tmp_path):
     rows = {(r["mode"], r["predictor_length"], r["readonly_grad"]): r for r in document["rows"]}
     assert set(rows) == {("prompt", 8, grad), ("full", 8, grad), ("prompt", 8, other), ("prompt", 0, grad)}
     for row in rows.values():
-        for field in ("trainable_params", "total_params", "train_step_s", "train_samples_per_s", "infer_samples_per_s",
-                      "peak_memory_mb", "train_flops_per_sample", "infer_flops_per_sample",
-                      "train_fraction_of_matmul_rate", "matmul_flops_per_s"):
+        for field in (
+            "trainable_params",
+            "total_params",
+            "train_step_s",
+            "train_samples_per_s",
+            "infer_samples_per_s",
+            "peak_memory_mb",
+            "train_flops_per_sample",
+            "infer_flops_per_sample",
+            "train_fraction_of_matmul_rate",
+            "matmul_flops_per_s",
+        ):
             assert row[field] > 0, field
         assert len(row["train_step_s_all"]) == 2
         assert row["train_flops_per_sample"] > row["infer_flops_per_sample"]  # backward counted
@@ -75,7 +100,8 @@ def test_bench_writes_rows_summary_and_table(tmp_path):
     for g in ("through", "detach"):
         overhead = summary["predictor_overhead"][g]
         assert overhead["train_step_time_ratio"] == pytest.approx(
-            rows[("prompt", 8, g)]["train_step_s"] / rows[("prompt", 0, grad)]["train_step_s"])
+            rows[("prompt", 8, g)]["train_step_s"] / rows[("prompt", 0, grad)]["train_step_s"]
+        )
         assert overhead["extra_text_tokens"] == 8
     # AdamW implementations side by side on the two main rows' parameters.
     adamw = {c["mode"]: c for c in document["adamw"]}
@@ -92,8 +118,9 @@ def test_bench_writes_rows_summary_and_table(tmp_path):
 
 def test_bench_profile_split_adds_up_to_the_step(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main([*TINY_BENCH, "--modes", "prompt", "--no-predictor-overhead", "--adamw-compare",
-                "--out", str(out)])
+    bench.main(
+        [*TINY_BENCH, "--modes", "prompt", "--no-predictor-overhead", "--adamw-compare", "--out", str(out)]
+    )
     (row,) = json.loads(out.read_text())["rows"]
     split = row["profile"]
     assert split["clock"] == "cpu_self_time"
@@ -109,9 +136,13 @@ def test_bench_profile_split_adds_up_to_the_step(tmp_path):
 def _event(name, parent=None, cpu_us=0.0, device_us=0.0, device_type=None):
     from torch.autograd import DeviceType
 
-    return SimpleNamespace(name=name, cpu_parent=parent, self_cpu_time_total=cpu_us,
-                           self_device_time_total=device_us,
-                           device_type=DeviceType.CPU if device_type is None else device_type)
+    return SimpleNamespace(
+        name=name,
+        cpu_parent=parent,
+        self_cpu_time_total=cpu_us,
+        self_device_time_total=device_us,
+        device_type=DeviceType.CPU if device_type is None else device_type,
+    )
 
 
 def test_operator_categories_follow_the_enclosing_operator():
@@ -148,7 +179,10 @@ def test_profile_split_on_cuda_uses_kernel_time_and_reports_idle():
     sdpa = _event("aten::scaled_dot_product_attention", step)
     optimizer = _event(bench.OPTIMIZER_SCOPE, step)
     events = [
-        step, linear, sdpa, optimizer,
+        step,
+        linear,
+        sdpa,
+        optimizer,
         _event("aten::addmm", linear, cpu_us=30.0, device_us=400.0),
         _event("aten::_flash_attention_forward", sdpa, device_us=200.0),
         _event("aten::add", step, device_us=100.0),
@@ -160,8 +194,14 @@ def test_profile_split_on_cuda_uses_kernel_time_and_reports_idle():
     split = bench.split_events(events, step_wall_s=0.001, device_time=True)
     assert split["clock"] == "cuda_kernel_time"
     seconds = {k: round(v * 1e6, 6) for k, v in split["seconds"].items()}
-    assert seconds == {"attention": 200.0, "matmul": 400.0, "elementwise_norm": 100.0, "optimizer": 50.0,
-                       "other": 50.0, "idle_launch": 200.0}
+    assert seconds == {
+        "attention": 200.0,
+        "matmul": 400.0,
+        "elementwise_norm": 100.0,
+        "optimizer": 50.0,
+        "other": 50.0,
+        "idle_launch": 200.0,
+    }
     cpu = bench.split_events(events, step_wall_s=0.001, device_time=False)
     assert cpu["seconds"]["outside_operators"] == pytest.approx(900e-6)
     assert cpu["seconds"]["matmul"] == pytest.approx(30e-6)
@@ -177,7 +217,8 @@ def test_compile_check_reports_graph_breaks_and_the_amortised_cost(tmp_path):
     assert len(result["compiled_step_s_all"]) == len(result["eager_step_s_all"]) == 2
     assert result["compile_s"] == pytest.approx(result["first_compiled_step_s"] - result["compiled_step_s"])
     assert result["epoch_ratio_with_compile"] == pytest.approx(
-        (result["compile_s"] + 42 * result["compiled_step_s"]) / (42 * result["eager_step_s"]))
+        (result["compile_s"] + 42 * result["compiled_step_s"]) / (42 * result["eager_step_s"])
+    )
 
 
 def test_fused_adamw_steps_like_the_default_implementation():
@@ -189,8 +230,10 @@ def test_fused_adamw_steps_like_the_default_implementation():
 
     model = tiny_system(image_peft="bitfit", text_peft="bitfit")
     twin, start = copy.deepcopy(model), copy.deepcopy(model)
-    optimizers = [configure_adamw(m, 1e-2, 1e-1, 0.05, 0.0, "constant", 10, fused=fused)["optimizer"]
-                  for m, fused in ((model, False), (twin, True))]
+    optimizers = [
+        configure_adamw(m, 1e-2, 1e-1, 0.05, 0.0, "constant", 10, fused=fused)["optimizer"]
+        for m, fused in ((model, False), (twin, True))
+    ]
     assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -229,9 +272,16 @@ def test_fused_adamw_only_where_lightning_can_clip_with_it():
             return torch.optim.AdamW(self.parameters(), fused=True)
 
     def fit(precision: str) -> None:
-        trainer = pl.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=1.0, max_steps=1,
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            precision=precision,
+            gradient_clip_val=1.0,
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(Regression(), DataLoader(torch.randn(8, 4), batch_size=4))
 
     fit("32-true")
@@ -250,7 +300,18 @@ def test_bench_rejects_bad_arguments():
 def test_bench_measures_memory_in_fresh_processes(tmp_path):
     out = tmp_path / "bench.json"
     args = [a for a in TINY_BENCH if a not in ("--isolation", "inprocess")]
-    bench.main([*args, "--modes", "frozen", "--no-predictor-overhead", "--isolation", "subprocess", "--out", str(out)])
+    bench.main(
+        [
+            *args,
+            "--modes",
+            "frozen",
+            "--no-predictor-overhead",
+            "--isolation",
+            "subprocess",
+            "--out",
+            str(out),
+        ]
+    )
     row = json.loads(out.read_text())["rows"][0]
     assert row["memory_kind"] == "process_peak_rss"
     assert row["peak_memory_mb"] >= row["rss_after_build_mb"] > 0
@@ -259,16 +320,38 @@ def test_bench_measures_memory_in_fresh_processes(tmp_path):
 # ----------------------------------------------------------------------------------- profile step
 
 
-TINY_PROFILE = ["--image-backbone", "test_vit", "--text-backbone", "tiny-bert", "--random-init", "--synthetic-data",
-                "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "0"]
+TINY_PROFILE = [
+    "--image-backbone",
+    "test_vit",
+    "--text-backbone",
+    "tiny-bert",
+    "--random-init",
+    "--synthetic-data",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--warmup",
+    "0",
+]
 
 
 def test_profile_step_reports_sections(tmp_path):
     out = tmp_path / "profile.json"
     profile_step.main([*TINY_PROFILE, "--operators", "0", "--out", str(out)])
     sections = json.loads(out.read_text())["profile"]["median_s"]
-    for name in ("data", "forward: image_encoder", "forward: text_encoder", "forward: predictor_image_to_text",
-                 "backward (whole)", "optimizer step", "step total", "backward: image encoder alone"):
+    for name in (
+        "data",
+        "forward: image_encoder",
+        "forward: text_encoder",
+        "forward: predictor_image_to_text",
+        "backward (whole)",
+        "optimizer step",
+        "step total",
+        "backward: image encoder alone",
+    ):
         assert sections[name] >= 0, name
     assert sections["step total"] > sections["forward: image_encoder"] > 0
     assert not (out.parent / "profile_operators.txt").exists()
@@ -293,29 +376,71 @@ def _synthetic_data(path: Path, n_train: int = 12, n_eval: int = 9, size: int = 
         labels = torch.arange(n) % 3
         lengths = torch.full((n,), 4)
         input_ids = torch.stack([torch.tensor([101, 2000 + int(c), 2010 + int(c), 102]) for c in labels])
-        splits[split] = {"ids": [f"{split}-{i}" for i in range(n)], "keys": [f"{split}-{i}" for i in range(n)],
-                         "labels": labels, "images": templates[labels] + 0.1 * torch.randn(n, 3, size, size, generator=generator),
-                         "input_ids": input_ids, "lengths": lengths}
+        splits[split] = {
+            "ids": [f"{split}-{i}" for i in range(n)],
+            "keys": [f"{split}-{i}" for i in range(n)],
+            "labels": labels,
+            "images": templates[labels] + 0.1 * torch.randn(n, 3, size, size, generator=generator),
+            "input_ids": input_ids,
+            "lengths": lengths,
+        }
         codes = torch.arange(n) % 3  # 0 complete, 1 text missing, 2 image missing
         for missing_type in ("text", "image", "both"):
             image = codes != 2 if missing_type != "text" else torch.ones(n, dtype=torch.bool)
             text = codes != 1 if missing_type != "image" else torch.ones(n, dtype=torch.bool)
             presence[f"{split}/{missing_type}/0.7"] = (image, text)
-    data = {"settings": {}, "source": "test", "label_names": ["a", "b", "c"], "num_classes": 3, "pad_id": 0,
-            "empty_ids": [101, 102], "transform": "", "splits": splits, "presence": presence}
+    data = {
+        "settings": {},
+        "source": "test",
+        "label_names": ["a", "b", "c"],
+        "num_classes": 3,
+        "pad_id": 0,
+        "empty_ids": [101, 102],
+        "transform": "",
+        "splits": splits,
+        "presence": presence,
+    }
     torch.save(data, path)
     return path
 
 
 def _tiny_ablation_args(tmp_path: Path, data: Path, *extra: str) -> list[str]:
-    return ["--encoders", "tiny", "--data", str(data), "--image-size", "32", "--device", "cpu", "--seeds", "0", "1",
-            "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "8", "--out", str(tmp_path / "out"), *extra]
+    return [
+        "--encoders",
+        "tiny",
+        "--data",
+        str(data),
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
 
 
 def test_ablation_rows_baselines_oracle_paired_differences_and_resume(tmp_path):
     data = _synthetic_data(tmp_path / "data.pt")
-    args = _tiny_ablation_args(tmp_path, data, "--variants", "method", "detach+target_matched",
-                               "--baselines", "zero_plain", "learned_plain")
+    args = _tiny_ablation_args(
+        tmp_path,
+        data,
+        "--variants",
+        "method",
+        "detach+target_matched",
+        "--baselines",
+        "zero_plain",
+        "learned_plain",
+    )
     document = ablation.main(args)
     rows = document["rows"]
     assert set(document["row_fields"]) <= set(rows[0])
@@ -323,34 +448,66 @@ def test_ablation_rows_baselines_oracle_paired_differences_and_resume(tmp_path):
         for variant in ("method", "detach+target_matched", "zero_plain", "learned_plain", "oracle"):
             for split in ("val", "test"):
                 for test_type, rate in ablation.TEST_SETTINGS:
-                    matching = [r for r in rows if r["setting"] == setting and r["variant"] == variant
-                                and r["split"] == split and r["test_type"] == test_type and r["rate"] == rate
-                                and r["metric"] == "accuracy" and r["seed"] == 0]
+                    matching = [
+                        r
+                        for r in rows
+                        if r["setting"] == setting
+                        and r["variant"] == variant
+                        and r["split"] == split
+                        and r["test_type"] == test_type
+                        and r["rate"] == rate
+                        and r["metric"] == "accuracy"
+                        and r["seed"] == 0
+                    ]
                     assert len(matching) == 1, (setting, variant, split, test_type, rate)
                     assert 0.0 <= matching[0]["value"] <= 1.0
     # Every model row also has its calibration error.
     assert any(r["metric"] == "ece" and r["variant"] == "zero_plain" for r in rows)
     # The ceiling: the same three models (trained once per seed) for both settings.
-    ceiling = {(r["setting"], r["seed"], r["split"], r["test_type"]): r["value"] for r in rows
-               if r["variant"] == "oracle" and r["metric"] == "accuracy"}
+    ceiling = {
+        (r["setting"], r["seed"], r["split"], r["test_type"]): r["value"]
+        for r in rows
+        if r["variant"] == "oracle" and r["metric"] == "accuracy"
+    }
     assert ceiling[("complete", 0, "test", "both")] == ceiling[("missing", 0, "test", "both")]
     # Its fused part is the complete zero_plain model (the same training, not repeated).
-    twin = {r["seed"]: r["value"] for r in rows if r["variant"] == "zero_plain" and r["setting"] == "complete"
-            and r["split"] == "test" and r["test_type"] == "none" and r["metric"] == "accuracy"}
-    assert ceiling[("complete", 0, "test", "none")] == twin[0] and ceiling[("complete", 1, "test", "none")] == twin[1]
+    twin = {
+        r["seed"]: r["value"]
+        for r in rows
+        if r["variant"] == "zero_plain"
+        and r["setting"] == "complete"
+        and r["split"] == "test"
+        and r["test_type"] == "none"
+        and r["metric"] == "accuracy"
+    }
+    assert (
+        ceiling[("complete", 0, "test", "none")] == twin[0]
+        and ceiling[("complete", 1, "test", "none")] == twin[1]
+    )
     # Options are spelled out, whatever the system's defaults.
     options = {r["variant"]: r["options"] for r in rows}
     assert options["method"] == ablation.REFERENCE
-    assert options["detach+target_matched"] == {**ablation.REFERENCE, "readonly_grad": "detach",
-                                                "vicreg_space": "target_matched"}
+    assert options["detach+target_matched"] == {
+        **ablation.REFERENCE,
+        "readonly_grad": "detach",
+        "vicreg_space": "target_matched",
+    }
     assert options["zero_plain"]["predictor_length"] == 0
     # Paired differences against the best baseline on val, with their interval.
     best = document["best_baselines"]
     assert set(best) == {"complete", "missing"} and set(best.values()) <= {"zero_plain", "learned_plain"}
-    diffs = [d for d in document["paired_differences"] if d["variant"] == "method" and d["setting"] == "missing"]
+    diffs = [
+        d for d in document["paired_differences"] if d["variant"] == "method" and d["setting"] == "missing"
+    ]
     assert {d["test_type"] for d in diffs} == {"text", "image", "both", "none"}
-    value = {(r["variant"], r["seed"]): r["value"] for r in rows if r["setting"] == "missing" and r["split"] == "test"
-             and r["test_type"] == "both" and r["metric"] == "accuracy"}
+    value = {
+        (r["variant"], r["seed"]): r["value"]
+        for r in rows
+        if r["setting"] == "missing"
+        and r["split"] == "test"
+        and r["test_type"] == "both"
+        and r["metric"] == "accuracy"
+    }
     both = next(d for d in diffs if d["test_type"] == "both")
     expected = [value[("method", s)] - value[(best["missing"], s)] for s in (0, 1)]
     assert both["mean_difference"] == pytest.approx(sum(expected) / 2)
@@ -359,7 +516,8 @@ def test_ablation_rows_baselines_oracle_paired_differences_and_resume(tmp_path):
     for g in gaps:
         if g["gap_closed"] is not None:
             assert g["gap_closed"] == pytest.approx(
-                (g["variant_mean"] - g["baseline_mean"]) / (g["oracle_mean"] - g["baseline_mean"]))
+                (g["variant_mean"] - g["baseline_mean"]) / (g["oracle_mean"] - g["baseline_mean"])
+            )
     # Diagnostics of the predictions for the method's cells only.
     assert "missing/method" in document["diagnostics"] and "missing/zero_plain" not in document["diagnostics"]
     cells = sorted((tmp_path / "out" / "cells").glob("*.json"))
@@ -384,14 +542,23 @@ def test_oracle_combines_the_unimodal_models_per_missing_case():
         logits = [[0.0] * 3 for _ in range(3)]
         for i in range(3):
             logits[i][labels[i] if i == right else (labels[i] + 1) % 3] = 1.0
-        cells.append({"cell": {"setting": "complete", "variant": variant, "seed": 0},
-                      "component_logits": {"val": logits, "test": logits}, "labels": {"val": labels, "test": labels}})
+        cells.append(
+            {
+                "cell": {"setting": "complete", "variant": variant, "seed": 0},
+                "component_logits": {"val": logits, "test": logits},
+                "labels": {"val": labels, "test": labels},
+            }
+        )
     # Sample 0 complete, 1 text missing (image only), 2 image missing (text only).
     image = torch.tensor([True, True, False])
     text = torch.tensor([True, False, True])
     presence = {f"{s}/{t}/0.7": (image, text) for s in ("val", "test") for t in ("text", "image", "both")}
     rows = ablation.oracle_rows(cells, {"presence": presence})
-    accuracy = {(r["setting"], r["split"], r["test_type"], r["rate"]): r["value"] for r in rows if r["metric"] == "accuracy"}
+    accuracy = {
+        (r["setting"], r["split"], r["test_type"], r["rate"]): r["value"]
+        for r in rows
+        if r["metric"] == "accuracy"
+    }
     for setting in ("complete", "missing"):  # the complete-data models are the ceiling of both settings
         assert accuracy[(setting, "test", "both", 0.7)] == pytest.approx(1.0)
         assert accuracy[(setting, "test", "none", 0.0)] == pytest.approx(1 / 3)  # the fused model alone
@@ -421,21 +588,38 @@ def test_cell_list_filters_and_orders_seed_major():
 
 
 def test_variant_names_compose_switches():
-    assert ablation.method_options("detach+lambda_0.1") == {**ablation.REFERENCE, "readonly_grad": "detach",
-                                                            "pred_loss_weight": 0.1}
+    assert ablation.method_options("detach+lambda_0.1") == {
+        **ablation.REFERENCE,
+        "readonly_grad": "detach",
+        "pred_loss_weight": 0.1,
+    }
     assert ablation.method_options("lambda_0")["pred_loss_weight"] == 0.0
     assert ablation.variant_group("zero_plain") == "plain" and ablation.variant_group("detach") == "method"
 
 
 def test_batch_gather_fills_missing_modalities():
-    split = {"ids": ["a", "b", "c"], "keys": ["a", "b", "c"], "labels": torch.tensor([0, 1, 2]),
-             "images": torch.zeros(3, 3, 4, 4), "input_ids": torch.tensor([[101, 7, 8, 102], [101, 9, 102, 0], [101, 5, 102, 0]]),
-             "lengths": torch.tensor([4, 3, 3])}
-    gather = ablation.BatchGather(split, torch.tensor([0, 1, 2]), torch.tensor([True, False, True]),
-                                  torch.tensor([False, True, True]), [101, 102], 0, torch.device("cpu"))
+    split = {
+        "ids": ["a", "b", "c"],
+        "keys": ["a", "b", "c"],
+        "labels": torch.tensor([0, 1, 2]),
+        "images": torch.zeros(3, 3, 4, 4),
+        "input_ids": torch.tensor([[101, 7, 8, 102], [101, 9, 102, 0], [101, 5, 102, 0]]),
+        "lengths": torch.tensor([4, 3, 3]),
+    }
+    gather = ablation.BatchGather(
+        split,
+        torch.tensor([0, 1, 2]),
+        torch.tensor([True, False, True]),
+        torch.tensor([False, True, True]),
+        [101, 102],
+        0,
+        torch.device("cpu"),
+    )
     batch = gather([1, 2])
     assert batch["id"] == ["b", "c"]
-    assert (batch["image"][0] == 1.0).all() and (batch["image"][1] == 0.0).all()  # filler for the missing image
+    assert (batch["image"][0] == 1.0).all() and (
+        batch["image"][1] == 0.0
+    ).all()  # filler for the missing image
     assert batch["input_ids"].shape == (2, 3)  # padded to the batch's longest
     full = gather([0])
     assert full["input_ids"].tolist() == [[101, 102]]  # missing text = tokenised empty string
@@ -451,7 +635,9 @@ def test_pack_store_roundtrip_bf16_and_checksum(tmp_path):
     device_pack.write_store(tmp_path / "s", arrays, {"note": 1})
     loaded, document = device_pack.read_store(tmp_path / "s")
     assert document["note"] == 1
-    assert torch.equal(torch.from_numpy(loaded["w"]), values.to(torch.bfloat16).float())  # exactly bf16 rounding
+    assert torch.equal(
+        torch.from_numpy(loaded["w"]), values.to(torch.bfloat16).float()
+    )  # exactly bf16 rounding
     assert loaded["ids"].tolist() == list(range(6))
     payload = bytearray((tmp_path / "s.bin").read_bytes())
     payload[3] ^= 0xFF
@@ -471,7 +657,9 @@ def test_system_from_pack_refuses_other_encoders(tmp_path):
 
 
 @pytest.mark.slow
-def test_exported_pack_equals_the_cache_under_bf16_autocast(tmp_path, prepared_emoji_cache, prepared_dinov2_cache):
+def test_exported_pack_equals_the_cache_under_bf16_autocast(
+    tmp_path, prepared_emoji_cache, prepared_dinov2_cache
+):
     """The pack's data are the DataModule's, and its encoders compute like the cached ones under bf16 autocast."""
     pack = tmp_path / "pack"
     device_pack.export_pack(pack, image_size=56, max_text_len=32, root=None)
@@ -483,37 +671,68 @@ def test_exported_pack_equals_the_cache_under_bf16_autocast(tmp_path, prepared_e
             assert torch.equal(from_pack["splits"][split][key], from_dm["splits"][split][key]), (split, key)
     from lightning_modules.system import UnipairSystem
 
-    kwargs = {"task": "multiclass", "num_classes": 9, "image_backbone": "dinov2-s14", "text_backbone": "minilm-l6",
-              "img_size": 56}
+    kwargs = {
+        "task": "multiclass",
+        "num_classes": 9,
+        "image_backbone": "dinov2-s14",
+        "text_backbone": "minilm-l6",
+        "img_size": 56,
+    }
     reference = UnipairSystem(**kwargs).eval()
     packed = device_pack.system_from_pack(pack, kwargs).eval()
-    packed.load_state_dict({k: v for k, v in reference.state_dict().items() if ".backbone." not in k}, strict=False)
+    packed.load_state_dict(
+        {k: v for k, v in reference.state_dict().items() if ".backbone." not in k}, strict=False
+    )
     split = from_dm["splits"]["val"]
-    batch = {"image": split["images"][:2], "input_ids": split["input_ids"][:2, : int(split["lengths"][:2].max())]}
-    batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < split["lengths"][:2, None]).long()
+    batch = {
+        "image": split["images"][:2],
+        "input_ids": split["input_ids"][:2, : int(split["lengths"][:2].max())],
+    }
+    batch["attention_mask"] = (
+        torch.arange(batch["input_ids"].shape[1])[None] < split["lengths"][:2, None]
+    ).long()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = reference.encode(batch), packed.encode(batch)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
 
 
-
 def test_defaults_are_the_best_configuration_on_val():
     rows = []
-    val_scores = {"method": 0.6, "detach": 0.7, "target_matched": 0.5, "detach+target_matched": 0.72,
-                  "lambda_0.1": 0.9, "zero_plain": 0.95}
+    val_scores = {
+        "method": 0.6,
+        "detach": 0.7,
+        "target_matched": 0.5,
+        "detach+target_matched": 0.72,
+        "lambda_0.1": 0.9,
+        "zero_plain": 0.95,
+    }
     for variant, value in val_scores.items():
         for setting in ablation.SETTINGS:
             for test_type, rate in ablation.TEST_SETTINGS:
                 for seed in (0, 1):
                     for split, v in (("val", value + 0.01 * seed), ("test", 1.0 - value)):
-                        rows.append({"setting": setting, "variant": variant, "test_type": test_type, "rate": rate,
-                                     "split": split, "metric": "accuracy", "seed": seed, "value": v})
+                        rows.append(
+                            {
+                                "setting": setting,
+                                "variant": variant,
+                                "test_type": test_type,
+                                "rate": rate,
+                                "split": split,
+                                "metric": "accuracy",
+                                "seed": seed,
+                                "value": v,
+                            }
+                        )
     # lambda_0.1 lacks a setting: not a candidate; zero_plain is not a configuration of the method.
     rows = [r for r in rows if not (r["variant"] == "lambda_0.1" and r["setting"] == "complete")]
     decision = ablation.decide_defaults(rows)
     assert decision["chosen_variant"] == "detach+target_matched"
-    assert decision["defaults"] == {**ablation.REFERENCE, "readonly_grad": "detach", "vicreg_space": "target_matched"}
+    assert decision["defaults"] == {
+        **ablation.REFERENCE,
+        "readonly_grad": "detach",
+        "vicreg_space": "target_matched",
+    }
     ranking = {r["variant"]: r for r in decision["ranking"]}
     assert set(ranking) == {"method", "detach", "target_matched", "detach+target_matched"}
     assert ranking["detach"]["val_score"] == pytest.approx(0.705)
@@ -522,8 +741,13 @@ def test_defaults_are_the_best_configuration_on_val():
 
 
 def test_stored_cells_are_reused_only_for_the_same_training():
-    cell = {"setting": "missing", "variant": "detach", "strategy": "predict", "seed": 0,
-            "options": ablation.method_options("detach")}
+    cell = {
+        "setting": "missing",
+        "variant": "detach",
+        "strategy": "predict",
+        "seed": 0,
+        "options": ablation.method_options("detach"),
+    }
     assert ablation.same_training({**cell, "options": {"readonly_grad": "detach"}}, cell)
     assert not ablation.same_training({**cell, "options": {}}, cell)
     assert not ablation.same_training({**cell, "strategy": "zero"}, cell)

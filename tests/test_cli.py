@@ -28,7 +28,12 @@ CONFIGS = REPO / "configs"
 ALL_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 # A data and a model config with class paths, so overlay configs (missing/, model/<strategy>, peft_*)
 # have something to compose with, as on the command line.
-BASE = ["--config", str(CONFIGS / "data" / "emoji.yaml"), "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml")]
+BASE = [
+    "--config",
+    str(CONFIGS / "data" / "emoji.yaml"),
+    "--config",
+    str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
+]
 
 
 def make_cli(args: list[str]) -> cli.UnipairCLI:
@@ -92,16 +97,25 @@ def test_configs_compose_in_order(capsys):
     """A later --config overrides only what it sets; init_args of an earlier one survive."""
     args = [
         "fit",
-        "--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-        "--config", str(CONFIGS / "model" / "encoders" / "offline.yaml"),
-        "--config", str(CONFIGS / "model" / "strategy" / "zero.yaml"),
-        "--config", str(CONFIGS / "model" / "peft" / "lora.yaml"),
-        "--config", str(CONFIGS / "missing" / "complete_training_text.yaml"),
+        "--config",
+        str(CONFIGS / "data" / "hateful_memes.yaml"),
+        "--config",
+        str(CONFIGS / "model" / "encoders" / "offline.yaml"),
+        "--config",
+        str(CONFIGS / "model" / "strategy" / "zero.yaml"),
+        "--config",
+        str(CONFIGS / "model" / "peft" / "lora.yaml"),
+        "--config",
+        str(CONFIGS / "missing" / "complete_training_text.yaml"),
         "--print_config",
     ]
     printed = yaml.safe_load(_exit_output(args, capsys))
     model, data = printed["model"]["init_args"], printed["data"]["init_args"]
-    assert (model["image_backbone"], model["missing_strategy"], model["predictor_length"]) == ("dinov2-s14", "zero", 0)
+    assert (model["image_backbone"], model["missing_strategy"], model["predictor_length"]) == (
+        "dinov2-s14",
+        "zero",
+        0,
+    )
     assert (model["image_peft"], model["text_peft"], model["img_size"]) == ("lora", "lora", 112)
     assert data["test_split"] == "test_seen"
     assert data["train_missing"]["missing_rate"] == 0.0
@@ -113,12 +127,17 @@ def test_configs_compose_in_order(capsys):
 
 def _tiny_args(data_config: str, root: Path | None, tmp: Path, *extra: str) -> list[str]:
     args = [
-        "--config", str(CONFIGS / "data" / data_config),
-        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
-        "--data.missing_table_dir", str(tmp / "tables"),
-        "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
+        "--config",
+        str(CONFIGS / "data" / data_config),
+        "--config",
+        str(CONFIGS / "debug" / "tiny.yaml"),
+        "--data.missing_table_dir",
+        str(tmp / "tables"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp / "runs"),
         # fast_dev_run swaps the logger out, and checkpoints then go under default_root_dir (the cwd).
-        "--trainer.default_root_dir", str(tmp / "root"),
+        "--trainer.default_root_dir",
+        str(tmp / "root"),
         *extra,
     ]
     if root is not None:
@@ -143,14 +162,27 @@ def test_fit_fast_dev_run_for_each_dataset_config(data_config, tmp_path, request
     else:
         root = builder(tmp_path)
     run = make_cli(
-        ["fit", *_tiny_args(data_config, root, tmp_path,
-                            "--config", str(CONFIGS / "missing" / "missing_training_both.yaml"),
-                            "--config", str(CONFIGS / "debug" / "fast_dev_run.yaml"))]
+        [
+            "fit",
+            *_tiny_args(
+                data_config,
+                root,
+                tmp_path,
+                "--config",
+                str(CONFIGS / "missing" / "missing_training_both.yaml"),
+                "--config",
+                str(CONFIGS / "debug" / "fast_dev_run.yaml"),
+            ),
+        ]
     )
     assert run.trainer.state.finished
     # Linked both ways: label count and task from the data; encoders and image size from the model.
     assert (run.model.hparams.num_classes, run.model.hparams.task) == (num_classes, task)
-    assert (run.datamodule.image_encoder, run.datamodule.text_encoder, run.datamodule.image_size) == ("test_vit", "tiny-bert", 32)
+    assert (run.datamodule.image_encoder, run.datamodule.text_encoder, run.datamodule.image_size) == (
+        "test_vit",
+        "tiny-bert",
+        32,
+    )
     assert run.datamodule.data_config["input_size"] == (3, 32, 32)
     assert run.trainer.checkpoint_callback.monitor == monitor
     metrics = run.trainer.callback_metrics
@@ -163,10 +195,15 @@ def test_fit_then_validate_and_test_reproduce_the_validation_metric(tmp_path):
     # The test split is made a copy of the validation split, so "test on the same split" is defined.
     shutil.copy(root / "dev.jsonl", root / "test_seen.jsonl")
     args = _tiny_args(
-        "hateful_memes.yaml", root, tmp_path,
-        "--data.init_args.train_missing", "{missing_rate: 0.5, missing_type: both}",
-        "--data.init_args.val_missing", "{missing_rate: 0.0}",
-        "--data.init_args.test_missing", "{missing_rate: 0.0}",
+        "hateful_memes.yaml",
+        root,
+        tmp_path,
+        "--data.init_args.train_missing",
+        "{missing_rate: 0.5, missing_type: both}",
+        "--data.init_args.val_missing",
+        "{missing_rate: 0.0}",
+        "--data.init_args.test_missing",
+        "{missing_rate: 0.0}",
     )
     fitted = make_cli(["fit", *args, "--trainer.max_epochs", "2"])
     callback = fitted.trainer.checkpoint_callback
@@ -187,10 +224,17 @@ def test_fit_then_validate_and_test_reproduce_the_validation_metric(tmp_path):
 def test_config_is_saved_and_a_requeued_run_may_rewrite_it(tmp_path):
     root = make_hateful_memes(tmp_path)
     args = _tiny_args(
-        "hateful_memes.yaml", root, tmp_path,
-        "--trainer.logger.init_args.name", "job",
-        "--trainer.logger.init_args.version", "slurm-123",  # as the SLURM script sets it
-        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+        "hateful_memes.yaml",
+        root,
+        tmp_path,
+        "--trainer.logger.init_args.name",
+        "job",
+        "--trainer.logger.init_args.version",
+        "slurm-123",  # as the SLURM script sets it
+        "--trainer.max_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
     )
     for _ in range(2):  # the second run (a requeue) must not abort on the existing config.yaml
         make_cli(["fit", *args])
@@ -205,23 +249,42 @@ def test_config_is_saved_and_a_requeued_run_may_rewrite_it(tmp_path):
 @pytest.mark.parametrize(
     "extra, error, message",
     [
-        (["--model.init_args.image_backbone", "vit_does_not_exist"], ValueError,
-         r"model.image_backbone: unknown image encoder 'vit_does_not_exist'"),
-        (["--model.init_args.text_backbone", "./no/such/folder"], ValueError,
-         r"model.text_backbone: local folder ./no/such/folder does not exist"),
-        (["--data.root", "/no/such/dataset/root"], FileNotFoundError,
-         r"data.root: folder /no/such/dataset/root does not exist"),
-        (["--data.init_args.train_missing", "{missing_rate: 1.5}"], ValueError,
-         r"data.train_missing.missing_rate must be a number in \[0, 1\], got 1.5"),
-        (["--data.init_args.test_missing", "{missing_rate: -0.1}"], ValueError,
-         r"data.test_missing.missing_rate must be a number in \[0, 1\]"),
+        (
+            ["--model.init_args.image_backbone", "vit_does_not_exist"],
+            ValueError,
+            r"model.image_backbone: unknown image encoder 'vit_does_not_exist'",
+        ),
+        (
+            ["--model.init_args.text_backbone", "./no/such/folder"],
+            ValueError,
+            r"model.text_backbone: local folder ./no/such/folder does not exist",
+        ),
+        (
+            ["--data.root", "/no/such/dataset/root"],
+            FileNotFoundError,
+            r"data.root: folder /no/such/dataset/root does not exist",
+        ),
+        (
+            ["--data.init_args.train_missing", "{missing_rate: 1.5}"],
+            ValueError,
+            r"data.train_missing.missing_rate must be a number in \[0, 1\], got 1.5",
+        ),
+        (
+            ["--data.init_args.test_missing", "{missing_rate: -0.1}"],
+            ValueError,
+            r"data.test_missing.missing_rate must be a number in \[0, 1\]",
+        ),
         # (An unknown missing_type is a jsonargparse parse error now: the type is a Literal.)
-        (["--data.init_args.val_missing", "{missing_rate: 0.5, both_ratio: 1.5}"], ValueError,
-         r"data.val_missing.both_ratio must be a number in \[0, 1\], got 1.5"),
+        (
+            ["--data.init_args.val_missing", "{missing_rate: 0.5, both_ratio: 1.5}"],
+            ValueError,
+            r"data.val_missing.both_ratio must be a number in \[0, 1\], got 1.5",
+        ),
     ],
 )
-def test_misconfiguration_fails_before_anything_is_built(extra, error, message, tmp_path, capsys,
-                                                         monkeypatch):
+def test_misconfiguration_fails_before_anything_is_built(
+    extra, error, message, tmp_path, capsys, monkeypatch
+):
     root = make_hateful_memes(tmp_path)
     args = ["fit", *_tiny_args("hateful_memes.yaml", root, tmp_path), *extra]
     with patch("lightning_modules.encoders.sources.create_image_backbone") as build:
@@ -239,18 +302,26 @@ def test_misconfiguration_fails_before_anything_is_built(extra, error, message, 
 @pytest.mark.slow
 def test_python_cli_py_and_console_script(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300
+        [sys.executable, str(REPO / "cli.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0 and "robustness" in result.stdout
     script = Path(sys.executable).with_name("unipair")
     if not script.exists():
         pytest.skip("the unipair console script is not installed in this environment (pip install -e .)")
-    result = subprocess.run([str(script), "fit", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [str(script), "fit", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0 and "--trainer.max_epochs" in result.stdout
 
 
 @pytest.mark.slow
-def test_demo_driver_leaves_the_run_folders_the_figure_and_the_comparison(tmp_path, prepared_emoji_cache, capsys):
+def test_demo_driver_leaves_the_run_folders_the_figure_and_the_comparison(
+    tmp_path, prepared_emoji_cache, capsys
+):
     """scripts/demo.py end to end on the real emoji data with the tiny encoders and 2 training batches."""
     import importlib.util
 
@@ -260,15 +331,33 @@ def test_demo_driver_leaves_the_run_folders_the_figure_and_the_comparison(tmp_pa
     out = tmp_path / "demo"
     with patch.object(sys, "argv", ["demo.py"]):
         result = demo.main(
-            ["--out", str(out), "--encoders-config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
-             "--image-size", "32", "--epochs", "2", "--limit-train-batches", "2",
-             "--extra", "--trainer.limit_val_batches", "1", "--model.init_args.prompt_length", "2",
-             "--data.init_args.missing_table_dir", str(tmp_path / "tables")]
+            [
+                "--out",
+                str(out),
+                "--encoders-config",
+                str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
+                "--image-size",
+                "32",
+                "--epochs",
+                "2",
+                "--limit-train-batches",
+                "2",
+                "--extra",
+                "--trainer.limit_val_batches",
+                "1",
+                "--model.init_args.prompt_length",
+                "2",
+                "--data.init_args.missing_table_dir",
+                str(tmp_path / "tables"),
+            ]
         )
     for name in ("method", "zero_plain", "oracle_image", "oracle_text"):
         (run_dir,) = (out / name).iterdir()
         assert (run_dir / "config.yaml").is_file() and list(run_dir.glob("events.out.tfevents.*"))
-        assert list((run_dir / "checkpoints").glob("best-*.ckpt")) and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert (
+            list((run_dir / "checkpoints").glob("best-*.ckpt"))
+            and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        )
     for name in ("method", "zero_plain"):
         (run_dir,) = (out / name).iterdir()
         for file in ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "config.yaml"):
@@ -277,14 +366,22 @@ def test_demo_driver_leaves_the_run_folders_the_figure_and_the_comparison(tmp_pa
         assert len({(r["missing_type"], r["missing_rate"]) for r in rows}) == 33
     # The ceiling: at eta = 0 it is the baseline (complete samples), with every text missing it is the
     # image-only model alone.
-    oracle = {(r["missing_type"], r["missing_rate"]): r["value"] for r in result["results"]["oracle"]
-              if r["metric"] == "accuracy"}
-    baseline = {(r["missing_type"], r["missing_rate"]): r["value"] for r in result["results"]["zero_plain"]
-                if r["metric"] == "accuracy"}
+    oracle = {
+        (r["missing_type"], r["missing_rate"]): r["value"]
+        for r in result["results"]["oracle"]
+        if r["metric"] == "accuracy"
+    }
+    baseline = {
+        (r["missing_type"], r["missing_rate"]): r["value"]
+        for r in result["results"]["zero_plain"]
+        if r["metric"] == "accuracy"
+    }
     assert oracle[("both", 0.0)] == pytest.approx(baseline[("both", 0.0)])
     assert len(oracle) == 33
     comparison = (out / "comparison.md").read_text()
-    assert "| missing type | missing rate | method | zero_plain | oracle | method − zero_plain |" in comparison
+    assert (
+        "| missing type | missing rate | method | zero_plain | oracle | method − zero_plain |" in comparison
+    )
     assert "last-epoch gain" in comparison and (out / "comparison.png").stat().st_size > 1000
     assert comparison.count("| both |") == 11
     assert "At 70 %: text: method" in capsys.readouterr().out

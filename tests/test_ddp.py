@@ -60,7 +60,7 @@ def _gather_worker(rank: int, port: int) -> None:
         weights = torch.arange(all_x.numel(), dtype=torch.float32).view_as(all_x)
         (gathered * weights).sum().backward()
         start = 0 if rank == 0 else 3
-        assert torch.equal(x.grad, WORLD_SIZE * weights[start:start + x.shape[0]])
+        assert torch.equal(x.grad, WORLD_SIZE * weights[start : start + x.shape[0]])
 
         terms = vicreg_loss(x.detach(), y, mask=mask, gather=all_gather_with_grad)
         expected = vicreg_loss(all_x[all_mask], all_y[all_mask])
@@ -89,21 +89,36 @@ class _RecordSteps(Callback):
         self.folder = folder
 
     def on_train_end(self, trainer, pl_module) -> None:
-        (self.folder / f"rank{trainer.global_rank}.txt").write_text(f"{trainer.global_step} {trainer.world_size}")
+        (self.folder / f"rank{trainer.global_rank}.txt").write_text(
+            f"{trainer.global_step} {trainer.world_size}"
+        )
 
 
 def test_ddp_fit_with_missing_modalities_uses_every_parameter(tmp_path):
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     seed_everything(0)
     data = _UnshuffledData(
-        num_train=32, num_eval=16, batch_size=4, task="binary", num_classes=2,
+        num_train=32,
+        num_eval=16,
+        batch_size=4,
+        task="binary",
+        num_classes=2,
         train_missing=[COMPLETE, TEXT_MISSING, COMPLETE, IMAGE_MISSING],
     )
     model = tiny_system(task="binary", num_classes=2, substitution=True)
     trainer = Trainer(
-        accelerator="cpu", devices=WORLD_SIZE, strategy="ddp_spawn", max_steps=4, limit_val_batches=2,
-        val_check_interval=4, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=WORLD_SIZE,
+        strategy="ddp_spawn",
+        max_steps=4,
+        limit_val_batches=2,
+        val_check_interval=4,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
         callbacks=[_RecordSteps(tmp_path)],
     )
     trainer.fit(model, datamodule=data)  # DDP without find_unused_parameters: an unused parameter raises

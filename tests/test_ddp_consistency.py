@@ -86,14 +86,20 @@ def test_evaluation_shards_cover_every_sample_once_with_equal_batch_counts(n, wo
 
 
 def test_evaluation_shards_on_one_process_are_plain_batches():
-    assert list(EvenShardBatchSampler(SequentialSampler(_Range(10)), 4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert list(EvenShardBatchSampler(SequentialSampler(_Range(10)), 4)) == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+    ]
     with pytest.raises(ValueError, match="drop_last must be False"):
         EvenShardBatchSampler(SequentialSampler(_Range(10)), 4, drop_last=True)
 
 
 def test_impossible_even_split_is_a_clear_error():
     sampler = DistributedSampler(_Range(5), num_replicas=2, rank=1, shuffle=False)
-    with pytest.raises(ValueError, match=r"cannot evaluate 5 samples on 2 processes with batch_size 1 .*process 1 has only 2"):
+    with pytest.raises(
+        ValueError, match=r"cannot evaluate 5 samples on 2 processes with batch_size 1 .*process 1 has only 2"
+    ):
         list(EvenShardBatchSampler(sampler, 1))
 
 
@@ -103,7 +109,9 @@ def test_lightning_sampler_injection_keeps_the_even_unpadded_shards():
     loader = DataLoader(dataset, batch_sampler=EvenShardBatchSampler(SequentialSampler(dataset), 4))
     seen = []
     for rank in range(2):
-        injected = _update_dataloader(loader, DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False))
+        injected = _update_dataloader(
+            loader, DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
+        )
         assert isinstance(injected.batch_sampler, EvenShardBatchSampler)
         batches = [b.tolist() for b in injected]
         assert len(batches) == 2
@@ -117,7 +125,9 @@ def test_prediction_shards_through_lightnings_unrepeated_wrapper():
     dataset = _Range(11)
     seen, counts = [], set()
     for rank in range(3):
-        wrapper = UnrepeatedDistributedSamplerWrapper(SequentialSampler(dataset), num_replicas=3, rank=rank, shuffle=False)
+        wrapper = UnrepeatedDistributedSamplerWrapper(
+            SequentialSampler(dataset), num_replicas=3, rank=rank, shuffle=False
+        )
         batches = list(EvenShardBatchSampler(wrapper, 2))
         counts.add(len(batches))
         seen += [i for b in batches for i in b]
@@ -128,7 +138,11 @@ def test_train_batches_are_the_same_global_batches_on_one_or_two_processes():
     dataset = _Range(32)
     single = list(torch.utils.data.BatchSampler(EpochShuffleSampler(dataset, seed=5), 8, drop_last=False))
     shards = [
-        list(torch.utils.data.BatchSampler(EpochShuffleSampler(dataset, num_replicas=2, rank=r, seed=5), 4, drop_last=False))
+        list(
+            torch.utils.data.BatchSampler(
+                EpochShuffleSampler(dataset, num_replicas=2, rank=r, seed=5), 4, drop_last=False
+            )
+        )
         for r in range(2)
     ]
     for step, batch in enumerate(single):
@@ -139,21 +153,38 @@ class _DuplicatingData(SyntheticDataModule):
     """A validation loader that evaluates sample 0 twice (what a padding DistributedSampler does)."""
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=4, sampler=[*range(len(self.val_set)), 0], collate_fn=collate)
+        return DataLoader(
+            self.val_set, batch_size=4, sampler=[*range(len(self.val_set)), 0], collate_fn=collate
+        )
 
 
 def test_evaluation_coverage_catches_duplicated_samples(tmp_path):
     seed_everything(0)
     trainer = Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[EvaluationCoverage()],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[EvaluationCoverage()],
     )
-    with pytest.raises(RuntimeError, match=r"val: evaluated 9 samples \(8 distinct\) over 1 process\(es\), but the split has 8; duplicated ids \(first 5\): \['synthetic-0'\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"val: evaluated 9 samples \(8 distinct\) over 1 process\(es\), but the split has 8; duplicated ids \(first 5\): \['synthetic-0'\]",
+    ):
         trainer.validate(tiny_system(), datamodule=_DuplicatingData(num_eval=8), verbose=False)
     coverage = EvaluationCoverage()
     trainer = Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[coverage],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[coverage],
     )
     trainer.validate(tiny_system(), datamodule=SyntheticDataModule(num_eval=8), verbose=False)
     assert coverage.last_counts == {"evaluated": 8, "distinct": 8, "split": 8}
@@ -166,20 +197,27 @@ def test_validation_losses_are_sample_weighted_means_over_the_split(tmp_path):
     seed_everything(0)
     model, data = tiny_system(), SyntheticDataModule(num_eval=9, batch_size=4)
     trainer = Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
     )
     logged = trainer.validate(model, datamodule=data, verbose=False)[0]
     model.eval()
     with torch.no_grad():
-        per_sample = torch.cat([per_sample_task_loss(model(b), b["label"], "multiclass") for b in data.val_dataloader()])
+        per_sample = torch.cat(
+            [per_sample_task_loss(model(b), b["label"], "multiclass") for b in data.val_dataloader()]
+        )
     assert per_sample.shape == (9,)
     assert logged["val/task_loss"] == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
 
 # --------------------------------------------------------------------- slow: CLI, 1 vs 2 processes
 
-LAUNCHER = '''
+LAUNCHER = """
 import sys
 sys.path.insert(0, {repo!r})
 from lightning_modules.encoders import sources
@@ -190,7 +228,7 @@ sources.TINY_BERT_CONFIG.update(hidden_dropout_prob=0.0, attention_probs_dropout
 import cli
 
 cli.cli_main()
-'''
+"""
 
 
 def _fit(tmp_path: Path, name: str, root: Path, devices: int, batch_size: int) -> Path:
@@ -200,30 +238,50 @@ def _fit(tmp_path: Path, name: str, root: Path, devices: int, batch_size: int) -
     config = {
         "seed_everything": 3,
         "trainer": {
-            "accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
-            "max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}},
-            "callbacks": [{"class_path": "tests.test_resume.RecordValMetrics", "init_args": {"path": str(record)}}],
+            "accelerator": "cpu",
+            "devices": devices,
+            "strategy": "ddp" if devices > 1 else "auto",
+            "max_epochs": 2,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": name},
+            },
+            "callbacks": [
+                {"class_path": "tests.test_resume.RecordValMetrics", "init_args": {"path": str(record)}}
+            ],
         },
-        "data": {"init_args": {
-            "root": str(root), "batch_size": batch_size, "num_workers": 0,
-            "missing_table_dir": str(tmp_path / f"tables-{name}"),
-            "train_missing": {"missing_rate": 0.5, "missing_type": "both"},
-            "val_missing": {"missing_rate": 0.6, "missing_type": "both"},
-        }},
+        "data": {
+            "init_args": {
+                "root": str(root),
+                "batch_size": batch_size,
+                "num_workers": 0,
+                "missing_table_dir": str(tmp_path / f"tables-{name}"),
+                "train_missing": {"missing_rate": 0.5, "missing_type": "both"},
+                "val_missing": {"missing_rate": 0.6, "missing_type": "both"},
+            }
+        },
     }
     config_path = tmp_path / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     command = [
-        sys.executable, str(launcher), "fit",
-        "--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-        "--config", str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
-        "--config", str(config_path),
+        sys.executable,
+        str(launcher),
+        "fit",
+        "--config",
+        str(CONFIGS / "data" / "hateful_memes.yaml"),
+        "--config",
+        str(CONFIGS / "model" / "encoders" / "tiny.yaml"),
+        "--config",
+        str(config_path),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with open(tmp_path / f"{name}.log", "w") as log:
-        result = subprocess.run(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900)
+        result = subprocess.run(
+            command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900
+        )
     assert result.returncode == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
     return record
 
@@ -231,26 +289,47 @@ def _fit(tmp_path: Path, name: str, root: Path, devices: int, batch_size: int) -
 @pytest.mark.slow
 def test_two_process_ddp_fit_matches_one_process_with_the_same_global_batch(tmp_path):
     root = make_hateful_memes(tmp_path, n_train=16, n_dev=9)  # 9: uneven shards (5 + 4)
-    single = [json.loads(line) for line in _fit(tmp_path, "single", root, devices=1, batch_size=8).read_text().splitlines()]
-    ddp = [json.loads(line) for line in _fit(tmp_path, "ddp", root, devices=2, batch_size=4).read_text().splitlines()]
+    single = [
+        json.loads(line)
+        for line in _fit(tmp_path, "single", root, devices=1, batch_size=8).read_text().splitlines()
+    ]
+    ddp = [
+        json.loads(line)
+        for line in _fit(tmp_path, "ddp", root, devices=2, batch_size=4).read_text().splitlines()
+    ]
 
     # The same missing tables (persisted independently by each run).
     tables = {name: sorted((tmp_path / f"tables-{name}").glob("*.csv")) for name in ("single", "ddp")}
-    assert [p.name for p in tables["single"]] == [p.name for p in tables["ddp"]] and len(tables["single"]) == 2
+    assert [p.name for p in tables["single"]] == [p.name for p in tables["ddp"]] and len(
+        tables["single"]
+    ) == 2
     for a, b in zip(tables["single"], tables["ddp"], strict=True):
         assert a.read_bytes() == b.read_bytes()
 
     assert [r["step"] for r in single] == [r["step"] for r in ddp] == [2, 4]
-    compared = ("val/accuracy", "val/auroc", "val/task_loss", "val/complete/accuracy", "val/text_missing/accuracy",
-                "val/image_missing/accuracy")
+    compared = (
+        "val/accuracy",
+        "val/auroc",
+        "val/task_loss",
+        "val/complete/accuracy",
+        "val/text_missing/accuracy",
+        "val/image_missing/accuracy",
+    )
     for one, two in zip(single, ddp, strict=True):
         # Every validation sample exactly once over the two processes (EvaluationCoverage would have
         # stopped the run otherwise; here from the per-case counts, summed over ranks).
-        counts = [two["metrics"][f"val/{case}/num_samples"] for case in ("complete", "text_missing", "image_missing")]
-        assert sum(counts) == 9 and counts == [one["metrics"][f"val/{case}/num_samples"] for case in ("complete", "text_missing", "image_missing")]
+        counts = [
+            two["metrics"][f"val/{case}/num_samples"]
+            for case in ("complete", "text_missing", "image_missing")
+        ]
+        assert sum(counts) == 9 and counts == [
+            one["metrics"][f"val/{case}/num_samples"]
+            for case in ("complete", "text_missing", "image_missing")
+        ]
         for key in compared:
-            assert math.isclose(one["metrics"][key], two["metrics"][key], rel_tol=METRIC_TOLERANCE, abs_tol=METRIC_TOLERANCE), (
-                key, one["metrics"][key], two["metrics"][key])
+            assert math.isclose(
+                one["metrics"][key], two["metrics"][key], rel_tol=METRIC_TOLERANCE, abs_tol=METRIC_TOLERANCE
+            ), (key, one["metrics"][key], two["metrics"][key])
 
 
 # -------------------------------------------------------------- slow: non-finite decision agreement
@@ -278,32 +357,53 @@ class _Report(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == 2:
             after = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-            torch.save({"before": self.before, "after": after, "skipped": pl_module.nonfinite_skipped_batches},
-                       Path(self.folder) / f"rank{trainer.global_rank}.pt")
+            torch.save(
+                {"before": self.before, "after": after, "skipped": pl_module.nonfinite_skipped_batches},
+                Path(self.folder) / f"rank{trainer.global_rank}.pt",
+            )
 
 
 def _ddp_trainer(tmp_path: Path, callbacks: list[Callback]) -> Trainer:
     return Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, limit_val_batches=0, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=tmp_path, callbacks=callbacks,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
     )
 
 
 def _synthetic() -> SyntheticDataModule:
-    return SyntheticDataModule(num_train=32, num_eval=8, batch_size=4, train_missing=[COMPLETE, TEXT_MISSING, COMPLETE, IMAGE_MISSING])
+    return SyntheticDataModule(
+        num_train=32,
+        num_eval=8,
+        batch_size=4,
+        train_missing=[COMPLETE, TEXT_MISSING, COMPLETE, IMAGE_MISSING],
+    )
 
 
 @pytest.mark.slow
 def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
     seed_everything(0)
     trainer = _ddp_trainer(tmp_path, [_NanOnRankOne(), _Report(str(tmp_path))])
-    trainer.fit(tiny_system(nonfinite_policy="skip"), datamodule=_synthetic())  # (warnings stay in the workers)
+    trainer.fit(
+        tiny_system(nonfinite_policy="skip"), datamodule=_synthetic()
+    )  # (warnings stay in the workers)
     reports = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["skipped"] for r in reports] == [1, 1]
     for name in reports[0]["after"]:
-        assert torch.equal(reports[0]["after"][name], reports[1]["after"][name]), name  # ranks did not diverge
-        assert torch.equal(reports[0]["before"][name], reports[0]["after"][name]), name  # and step 1 updated nothing
+        assert torch.equal(reports[0]["after"][name], reports[1]["after"][name]), (
+            name
+        )  # ranks did not diverge
+        assert torch.equal(reports[0]["before"][name], reports[0]["after"][name]), (
+            name
+        )  # and step 1 updated nothing
 
 
 @pytest.mark.slow
@@ -311,5 +411,8 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_naming_it(tmp_path):
     seed_everything(0)
     trainer = _ddp_trainer(tmp_path, [_NanOnRankOne()])
     # The task loss is per rank (NaN on rank 1 only); VICReg uses the global batch (NaN on both).
-    with pytest.raises(Exception, match=r"non-finite loss term\(s\): task_loss \(rank\(s\) \[1\]\), vicreg_invariance \(rank\(s\) \[0, 1\]\), .* at global step 1 "):
+    with pytest.raises(
+        Exception,
+        match=r"non-finite loss term\(s\): task_loss \(rank\(s\) \[1\]\), vicreg_invariance \(rank\(s\) \[0, 1\]\), .* at global step 1 ",
+    ):
         trainer.fit(tiny_system(), datamodule=_synthetic())

@@ -65,7 +65,9 @@ def benchmark_imports(source: str, filename: str = "<string>") -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(source, filename=filename)):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("benchmarks.")}
+            found |= {
+                alias.name.split(".")[1] for alias in node.names if alias.name.startswith("benchmarks.")
+            }
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module == "benchmarks":
                 found |= {alias.name for alias in node.names}
@@ -75,16 +77,22 @@ def benchmark_imports(source: str, filename: str = "<string>") -> set[str]:
 
 
 def test_benchmark_checker_finds_every_form_of_import():
-    source = ("from benchmarks import benchutil as b, bench\nimport benchmarks.ablation\n"
-              "def f():\n    from benchmarks.device_pack import read_store\n")
+    source = (
+        "from benchmarks import benchutil as b, bench\nimport benchmarks.ablation\n"
+        "def f():\n    from benchmarks.device_pack import read_store\n"
+    )
     assert benchmark_imports(source) == {"benchutil", "bench", "ablation", "device_pack"}
 
 
 def test_benchmarks_import_each_other_without_cycles_and_never_edit_sys_path():
-    files = {path.stem: path for path in sorted((REPO / "benchmarks").glob("*.py")) if path.stem != "__init__"}
+    files = {
+        path.stem: path for path in sorted((REPO / "benchmarks").glob("*.py")) if path.stem != "__init__"
+    }
     assert {"ablation", "bench", "benchutil", "device_pack"} <= set(files)
-    graph = {name: benchmark_imports(path.read_text(encoding="utf-8"), str(path)) - {name}
-             for name, path in files.items()}
+    graph = {
+        name: benchmark_imports(path.read_text(encoding="utf-8"), str(path)) - {name}
+        for name, path in files.items()
+    }
     state: dict[str, str] = {}
 
     def visit(name: str, trail: list[str]) -> None:
@@ -98,8 +106,15 @@ def test_benchmarks_import_each_other_without_cycles_and_never_edit_sys_path():
 
     for name in graph:
         visit(name, [])
-    edits = [f"{name}.py:{node.lineno}" for name, path in files.items()
-             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-             if isinstance(node, ast.Attribute) and node.attr == "path"
-             and isinstance(node.value, ast.Name) and node.value.id == "sys"]
-    assert not edits, f"benchmarks are run as modules (python -m benchmarks.x), not via sys.path edits: {edits}"
+    edits = [
+        f"{name}.py:{node.lineno}"
+        for name, path in files.items()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+    ]
+    assert not edits, (
+        f"benchmarks are run as modules (python -m benchmarks.x), not via sys.path edits: {edits}"
+    )

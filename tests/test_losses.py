@@ -19,8 +19,13 @@ def _straightforward_vicreg(x: torch.Tensor, y: torch.Tensor, gamma: float = 1.0
 
     def branch_terms(z):
         mean = [sum(float(z[i, j]) for i in range(n)) / n for j in range(d)]
-        cov = [[sum((float(z[i, a]) - mean[a]) * (float(z[i, b]) - mean[b]) for i in range(n)) / (n - 1)
-                for b in range(d)] for a in range(d)]
+        cov = [
+            [
+                sum((float(z[i, a]) - mean[a]) * (float(z[i, b]) - mean[b]) for i in range(n)) / (n - 1)
+                for b in range(d)
+            ]
+            for a in range(d)
+        ]
         variance = sum(max(0.0, gamma - math.sqrt(cov[j][j] + eps)) for j in range(d)) / d
         covariance = sum(cov[a][b] ** 2 for a in range(d) for b in range(d) if a != b) / d
         return variance, covariance
@@ -123,7 +128,9 @@ def test_vicreg_rejects_mismatched_shapes():
 def test_task_losses():
     logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(4))
     labels = torch.tensor([0, 2, 1, 2])
-    assert torch.allclose(per_sample_task_loss(logits, labels, "multiclass"), F.cross_entropy(logits, labels, reduction="none"))
+    assert torch.allclose(
+        per_sample_task_loss(logits, labels, "multiclass"), F.cross_entropy(logits, labels, reduction="none")
+    )
     binary_logits, binary_labels = logits[:, :2], torch.tensor([0, 1, 1, 0])
     assert torch.allclose(
         per_sample_task_loss(binary_logits, binary_labels, "binary"),

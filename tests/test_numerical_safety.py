@@ -27,8 +27,15 @@ VICREG_TERMS = ("invariance", "variance", "covariance")
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
     options = dict(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     options.update(kwargs)
     return Trainer(**options)
@@ -36,7 +43,12 @@ def _trainer(tmp_path, **kwargs) -> Trainer:
 
 def _data() -> SyntheticDataModule:
     # 6 batches of 4 with every missing case, so VICReg has complete rows to work on
-    return SyntheticDataModule(num_train=24, num_eval=8, batch_size=4, train_missing=[COMPLETE, COMPLETE, TEXT_MISSING, IMAGE_MISSING])
+    return SyntheticDataModule(
+        num_train=24,
+        num_eval=8,
+        batch_size=4,
+        train_missing=[COMPLETE, COMPLETE, TEXT_MISSING, IMAGE_MISSING],
+    )
 
 
 class _StepCounter:
@@ -103,7 +115,9 @@ def test_overflow_of_the_weighted_sum_is_named_as_such(tmp_path, monkeypatch):
     seed_everything(0)
     _poison_vicreg(monkeypatch, "variance", at_steps={0}, value=0.0)  # no-op: keep the wrapper counting
     model = tiny_system(pred_loss_weight=float("inf"))  # finite terms, infinite weighted sum
-    with pytest.raises(NonFiniteLossError, match=r"non-finite weighted sum \(loss\) while every component is finite"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite weighted sum \(loss\) while every component is finite"
+    ):
         _trainer(tmp_path, max_steps=2).fit(model, datamodule=_data())
 
 
@@ -131,14 +145,18 @@ def test_skip_policy_skips_the_update_counts_and_logs(tmp_path, monkeypatch):
     model = tiny_system(nonfinite_policy="skip")
     snapshots = _ParamSnapshots()
     trainer = _trainer(tmp_path, max_epochs=1, callbacks=[snapshots])
-    with pytest.warns(UserWarning, match=r"Skipping the update of this batch.*vicreg_covariance at global step 1 ") as caught:
+    with pytest.warns(
+        UserWarning, match=r"Skipping the update of this batch.*vicreg_covariance at global step 1 "
+    ) as caught:
         trainer.fit(model, datamodule=_data())
     assert sum("Skipping the update" in str(w.message) for w in caught) == 2
     assert trainer.global_step == 6  # a skipped batch still counts as a (no-op) optimizer step
     assert model.nonfinite_skipped_batches == 2
     assert trainer.callback_metrics["train/nonfinite_skipped_batches"] == 2
     for step in range(6):
-        unchanged = all(torch.equal(snapshots.before[step][n], snapshots.after[step][n]) for n in snapshots.before[step])
+        unchanged = all(
+            torch.equal(snapshots.before[step][n], snapshots.after[step][n]) for n in snapshots.before[step]
+        )
         assert unchanged == (step in (1, 3)), step
     # AdamW's moments and step counts did not see the skipped batches either.
     optimizer = trainer.optimizers[0]
@@ -175,15 +193,22 @@ class _NanGradient(Callback):
 def test_nonfinite_gradient_is_an_error_naming_the_parameter(tmp_path):
     seed_everything(0)
     model = tiny_system()
-    name = next(n for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.") and p.ndim == 2)
-    with pytest.raises(NonFiniteLossError, match=rf"non-finite gradient\(s\) at global step 2 in 1 parameter\(s\), e\.g\. \['{name}'\]"):
+    name = next(
+        n for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.") and p.ndim == 2
+    )
+    with pytest.raises(
+        NonFiniteLossError,
+        match=rf"non-finite gradient\(s\) at global step 2 in 1 parameter\(s\), e\.g\. \['{name}'\]",
+    ):
         _trainer(tmp_path, max_steps=4, callbacks=[_NanGradient(2, name)]).fit(model, datamodule=_data())
 
 
 def test_nonfinite_gradient_is_skipped_under_skip(tmp_path):
     seed_everything(0)
     model = tiny_system(nonfinite_policy="skip")
-    name = next(n for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.") and p.ndim == 2)
+    name = next(
+        n for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.") and p.ndim == 2
+    )
     snapshots = _ParamSnapshots()
     trainer = _trainer(tmp_path, max_steps=4, callbacks=[_NanGradient(2, name), snapshots])
     with pytest.warns(UserWarning, match=r"Skipping this update .*non-finite gradient\(s\) at global step 2"):
@@ -198,12 +223,16 @@ def test_nonfinite_logits_in_validation_name_the_samples(tmp_path):
     model = tiny_system()
     with torch.no_grad():
         model.head.net[-1].bias[1] = float("nan")  # every logit row gets a NaN
-    with pytest.raises(NonFiniteLossError, match=r"val: non-finite logits for sample\(s\) \['synthetic-0', 'synthetic-1'"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"val: non-finite logits for sample\(s\) \['synthetic-0', 'synthetic-1'"
+    ):
         _trainer(tmp_path, limit_val_batches=1.0).validate(model, datamodule=_data(), verbose=False)
 
 
 def test_policy_is_validated_and_the_skip_count_survives_a_checkpoint():
-    with pytest.raises(ValueError, match=r"nonfinite_policy: unknown policy 'ignore'; expected one of \['error', 'skip'\]"):
+    with pytest.raises(
+        ValueError, match=r"nonfinite_policy: unknown policy 'ignore'; expected one of \['error', 'skip'\]"
+    ):
         tiny_system(nonfinite_policy="ignore")
     model = tiny_system(nonfinite_policy="skip")
     model.nonfinite_skipped_batches = 3

@@ -29,9 +29,13 @@ def _encoder(modality: str, mode: str):
     torch.manual_seed(0)
     if modality == "image":
         backbone = sources.create_image_backbone("test_vit", pretrained=False, img_size=32)
-        return ImageEncoder(backbone, peft_mode=mode, prompt_length=2, prompt_depth=2, predictor_length=2, lora_rank=4)
+        return ImageEncoder(
+            backbone, peft_mode=mode, prompt_length=2, prompt_depth=2, predictor_length=2, lora_rank=4
+        )
     backbone = sources.create_text_backbone("tiny-bert")
-    return TextEncoder(backbone, peft_mode=mode, prompt_length=2, prompt_depth=2, predictor_length=2, lora_rank=4)
+    return TextEncoder(
+        backbone, peft_mode=mode, prompt_length=2, prompt_depth=2, predictor_length=2, lora_rank=4
+    )
 
 
 def _backbone_trainable(encoder) -> list[str]:
@@ -67,7 +71,11 @@ def test_bitfit_trains_every_bias_and_nothing_else(modality, biases):
     "modality, adapters, pattern",
     [
         ("image", IMAGE_LORA, r"backbone\.blocks\.\d\.attn\.qkv\.lora_[AB]\.default\.weight"),
-        ("text", TEXT_LORA, r"backbone\.encoder\.layer\.\d\.attention\.self\.(query|key|value)\.lora_[AB]\.default\.weight"),
+        (
+            "text",
+            TEXT_LORA,
+            r"backbone\.encoder\.layer\.\d\.attention\.self\.(query|key|value)\.lora_[AB]\.default\.weight",
+        ),
     ],
 )
 def test_lora_trains_only_the_attention_adapters(modality, adapters, pattern):
@@ -85,7 +93,11 @@ def test_lora_trains_only_the_attention_adapters(modality, adapters, pattern):
 @pytest.mark.parametrize("modality, total", [("image", IMAGE_TOTAL), ("text", TEXT_TOTAL)])
 def test_full_mode_trains_everything(modality, total):
     encoder = _encoder(modality, "full")
-    assert count_parameters(encoder) == count_parameters(encoder, trainable_only=True) == total + READONLY[modality]
+    assert (
+        count_parameters(encoder)
+        == count_parameters(encoder, trainable_only=True)
+        == total + READONLY[modality]
+    )
 
 
 @pytest.mark.parametrize("mode", ["prompt", "bitfit", "lora", "full", "frozen"])
@@ -116,10 +128,14 @@ def test_demo_encoders_prompt_mode_trainable_fraction():
     """
     from lightning_modules import UnipairSystem
 
-    model = UnipairSystem(image_backbone="dinov2-s14", text_backbone="minilm-l6", pretrained=False, img_size=224)
+    model = UnipairSystem(
+        image_backbone="dinov2-s14", text_backbone="minilm-l6", pretrained=False, img_size=224
+    )
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
-    print(f"\nprompt mode, dinov2-s14 + minilm-l6: {trainable:,} of {total:,} parameters train "
-          f"({100 * trainable / total:.2f}%)")
+    print(
+        f"\nprompt mode, dinov2-s14 + minilm-l6: {trainable:,} of {total:,} parameters train "
+        f"({100 * trainable / total:.2f}%)"
+    )
     assert trainable / total < 0.02
     # Encoder side: 16 prompts x 6 layers + 8 read-only tokens, 384 wide, per encoder.
     assert count_parameters(model.image_encoder, trainable_only=True) == (16 * 6 + 8) * 384

@@ -25,7 +25,9 @@ def make_cli(args: list[str]) -> cli.UnipairCLI:
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -42,7 +44,16 @@ def test_reader_accepts_image_only_text_only_and_both(image_folder):
     absolute = str(image_folder / "red.png")
     path = _write_jsonl(
         image_folder / "rows.jsonl",
-        [{"image": "red.png"}, {"text": "a red square"}, "", {"id": "x", "image": absolute, "text": "both", }],
+        [
+            {"image": "red.png"},
+            {"text": "a red square"},
+            "",
+            {
+                "id": "x",
+                "image": absolute,
+                "text": "both",
+            },
+        ],
     )
     rows = read_prediction_rows(path)
     assert [(r.line, r.id) for r in rows] == [(1, "1"), (2, "2"), (4, "x")]  # blank line 3 is not a row
@@ -83,11 +94,18 @@ def test_reader_rejects_missing_and_empty_files(tmp_path):
 def test_records_multiclass_and_multilabel():
     logits = torch.tensor([[2.0, 0.0, -1.0], [-3.0, 1.0, 2.0]])
     present = torch.tensor([True, False])
-    multiclass = prediction_records(["a", "b"], logits, present, ~present, ["x", "y", "z"], "multiclass", {"a": 1, "b": 2})
+    multiclass = prediction_records(
+        ["a", "b"], logits, present, ~present, ["x", "y", "z"], "multiclass", {"a": 1, "b": 2}
+    )
     assert [r["labels"] for r in multiclass] == [["x"], ["z"]]
     assert sum(multiclass[0]["scores"].values()) == pytest.approx(1.0, abs=1e-5)
     assert multiclass[1] | {"scores": None} == {
-        "id": "b", "line": 2, "image_present": False, "text_present": True, "labels": ["z"], "scores": None
+        "id": "b",
+        "line": 2,
+        "image_present": False,
+        "text_present": True,
+        "labels": ["z"],
+        "scores": None,
     }
     multilabel = prediction_records(["a", "b"], logits, present, present, ["x", "y", "z"], "multilabel")
     assert [r["labels"] for r in multilabel] == [["x", "y"], ["y", "z"]]  # sigmoid >= 0.5 (logit >= 0)
@@ -103,20 +121,38 @@ def trained(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("predict")
     root = make_hateful_memes(tmp)
     common = [
-        "--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
-        "--data.root", str(root),
-        "--data.missing_table_dir", str(tmp / "tables"),
-        "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
+        "--config",
+        str(CONFIGS / "data" / "hateful_memes.yaml"),
+        "--config",
+        str(CONFIGS / "debug" / "tiny.yaml"),
+        "--data.root",
+        str(root),
+        "--data.missing_table_dir",
+        str(tmp / "tables"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp / "runs"),
     ]
     fitted = make_cli(["fit", *common, "--trainer.max_epochs", "1"])
-    return {"common": common, "root": root, "ckpt": fitted.trainer.checkpoint_callback.last_model_path, "tmp": tmp}
+    return {
+        "common": common,
+        "root": root,
+        "ckpt": fitted.trainer.checkpoint_callback.last_model_path,
+        "tmp": tmp,
+    }
 
 
 def _predict(trained: dict, rows_path: Path, output: Path) -> cli.UnipairCLI:
     return make_cli(
-        ["predict", *trained["common"], "--ckpt_path", trained["ckpt"],
-         "--predict_file", str(rows_path), "--output_file", str(output)]
+        [
+            "predict",
+            *trained["common"],
+            "--ckpt_path",
+            trained["ckpt"],
+            "--predict_file",
+            str(rows_path),
+            "--output_file",
+            str(output),
+        ]
     )
 
 
@@ -138,7 +174,11 @@ def test_predict_writes_one_record_per_row_matching_the_model(trained):
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["id"] for r in records] == ["both", "image-only", "text-only"]
     assert [r["line"] for r in records] == [1, 2, 3]
-    assert [(r["image_present"], r["text_present"]) for r in records] == [(True, True), (True, False), (False, True)]
+    assert [(r["image_present"], r["text_present"]) for r in records] == [
+        (True, True),
+        (True, False),
+        (False, True),
+    ]
     for record in records:
         assert set(record["scores"]) == {"not_hateful", "hateful"}
         assert sum(record["scores"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -153,14 +193,18 @@ def test_predict_writes_one_record_per_row_matching_the_model(trained):
     with torch.no_grad():
         probs = model(batch).softmax(-1)[0]
     assert records[0]["scores"]["hateful"] == pytest.approx(float(probs[1]), abs=1e-4)
-    assert records[0]["scores"] != records[1]["scores"] != records[2]["scores"]  # missing inputs change the output
+    assert (
+        records[0]["scores"] != records[1]["scores"] != records[2]["scores"]
+    )  # missing inputs change the output
 
 
 @pytest.mark.slow
 def test_predict_errors_on_row_with_neither_and_writes_nothing(trained):
     rows_path = _write_jsonl(trained["tmp"] / "bad.jsonl", [{"text": "fine"}, {"id": "empty"}])
     output = trained["tmp"] / "bad-predictions.jsonl"
-    with pytest.raises(PredictionInputError, match=r"bad.jsonl line 2: the row has neither 'image' nor 'text'"):
+    with pytest.raises(
+        PredictionInputError, match=r"bad.jsonl line 2: the row has neither 'image' nor 'text'"
+    ):
         _predict(trained, rows_path, output)
     assert not output.exists()
 
@@ -169,9 +213,14 @@ def test_predict_errors_on_row_with_neither_and_writes_nothing(trained):
 def test_predict_errors_on_unreadable_image_naming_file_and_line(trained):
     broken = trained["tmp"] / "broken.png"
     broken.write_bytes(b"not an image at all")
-    rows_path = _write_jsonl(trained["tmp"] / "broken.jsonl", [{"text": "fine"}, {"text": "x"}, {"image": "broken.png"}])
+    rows_path = _write_jsonl(
+        trained["tmp"] / "broken.jsonl", [{"text": "fine"}, {"text": "x"}, {"image": "broken.png"}]
+    )
     output = trained["tmp"] / "broken-predictions.jsonl"
-    with pytest.raises(PredictionInputError, match=r"broken.jsonl line 3 \(id '3'\): field 'image': .*broken.png could not be read"):
+    with pytest.raises(
+        PredictionInputError,
+        match=r"broken.jsonl line 3 \(id '3'\): field 'image': .*broken.png could not be read",
+    ):
         _predict(trained, rows_path, output)
     assert not output.exists()
 
@@ -179,7 +228,9 @@ def test_predict_errors_on_unreadable_image_naming_file_and_line(trained):
 @pytest.mark.slow
 def test_predict_on_the_datamodule_test_split_with_output_file(trained):
     output = trained["tmp"] / "test-split-predictions.jsonl"
-    predicted = make_cli(["predict", *trained["common"], "--ckpt_path", trained["ckpt"], "--output_file", str(output)])
+    predicted = make_cli(
+        ["predict", *trained["common"], "--ckpt_path", trained["ckpt"], "--output_file", str(output)]
+    )
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["id"] for r in records] == predicted.datamodule.datasets["test"].ids
     assert all("line" not in r and set(r["scores"]) == {"not_hateful", "hateful"} for r in records)

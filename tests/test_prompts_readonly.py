@@ -26,7 +26,11 @@ def _image_backbone():
 def _text_backbone(attn_implementation: str = "sdpa"):
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
         attn_implementation=attn_implementation,
     )
     return transformers.BertModel(config, add_pooling_layer=False)
@@ -78,8 +82,12 @@ def test_text_forward_equals_bert_without_prompts(attn_implementation):
         expected_cls = hidden[:, 0]
         weights = mask.unsqueeze(-1).float()
         expected_mean = (hidden * weights).sum(1) / weights.sum(1)
-        got_cls = TextEncoder(copy.deepcopy(backbone), peft_mode="frozen", predictor_length=0, pooling="cls").eval()(ids, mask)
-        got_mean = TextEncoder(backbone, peft_mode="frozen", predictor_length=0, pooling="mean").eval()(ids, mask)
+        got_cls = TextEncoder(
+            copy.deepcopy(backbone), peft_mode="frozen", predictor_length=0, pooling="cls"
+        ).eval()(ids, mask)
+        got_mean = TextEncoder(backbone, peft_mode="frozen", predictor_length=0, pooling="mean").eval()(
+            ids, mask
+        )
     assert (got_cls.embedding - expected_cls).abs().max() <= TOL
     assert (got_mean.embedding - expected_mean).abs().max() <= TOL
 
@@ -96,13 +104,26 @@ def _pair(make_encoder, backbone, mode):
 
 
 def _make_image(backbone, mode, predictor_length):
-    return ImageEncoder(backbone, peft_mode=mode, prompt_length=3, prompt_depth=2, predictor_length=predictor_length,
-                        lora_rank=4)
+    return ImageEncoder(
+        backbone,
+        peft_mode=mode,
+        prompt_length=3,
+        prompt_depth=2,
+        predictor_length=predictor_length,
+        lora_rank=4,
+    )
 
 
 def _make_text(backbone, mode, predictor_length):
-    return TextEncoder(backbone, peft_mode=mode, prompt_length=3, prompt_depth=2, predictor_length=predictor_length,
-                       pooling="mean", lora_rank=4)
+    return TextEncoder(
+        backbone,
+        peft_mode=mode,
+        prompt_length=3,
+        prompt_depth=2,
+        predictor_length=predictor_length,
+        pooling="mean",
+        lora_rank=4,
+    )
 
 
 @pytest.mark.parametrize("mode", ["prompt", "bitfit", "lora"])
@@ -166,7 +187,7 @@ def test_text_padding_does_not_change_the_embedding():
         padded = encoder(ids, mask)
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())
-            alone = encoder(ids[row:row + 1, :n], mask[row:row + 1, :n])
+            alone = encoder(ids[row : row + 1, :n], mask[row : row + 1, :n])
             assert (alone.embedding[0] - padded.embedding[row]).abs().max() <= TOL
             assert (alone.readonly[0] - padded.readonly[row]).abs().max() <= TOL
 

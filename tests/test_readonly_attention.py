@@ -24,7 +24,7 @@ def _masked_layer(adapter, x, num_readonly, key_valid=None, readonly_grad="throu
     """The reference: the library's own layer with one boolean mask (originals may not read read-only keys)."""
     total = x.shape[1]
     readonly = torch.zeros(total, dtype=torch.bool)
-    readonly[total - num_readonly:] = True
+    readonly[total - num_readonly :] = True
     allowed = ~(~readonly[:, None] & readonly[None, :])[None, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]
@@ -43,8 +43,14 @@ def _image_backbone():
 def _text_backbone():
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager",
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
     )
     return transformers.BertModel(config, add_pooling_layer=False)
 
@@ -73,14 +79,32 @@ def _perturbed(encoder):
 
 
 def _image_encoder(mode, predictor_length=4, readonly_grad="through"):
-    return _perturbed(ImageEncoder(_image_backbone(), peft_mode=mode, prompt_length=3, prompt_depth=2,
-                                   predictor_length=predictor_length, lora_rank=4, readonly_grad=readonly_grad))
+    return _perturbed(
+        ImageEncoder(
+            _image_backbone(),
+            peft_mode=mode,
+            prompt_length=3,
+            prompt_depth=2,
+            predictor_length=predictor_length,
+            lora_rank=4,
+            readonly_grad=readonly_grad,
+        )
+    )
 
 
 def _text_encoder(mode, predictor_length=4, readonly_grad="through"):
-    return _perturbed(TextEncoder(_text_backbone(), peft_mode=mode, prompt_length=3, prompt_depth=2,
-                                  predictor_length=predictor_length, pooling="mean", lora_rank=4,
-                                  readonly_grad=readonly_grad))
+    return _perturbed(
+        TextEncoder(
+            _text_backbone(),
+            peft_mode=mode,
+            prompt_length=3,
+            prompt_depth=2,
+            predictor_length=predictor_length,
+            pooling="mean",
+            lora_rank=4,
+            readonly_grad=readonly_grad,
+        )
+    )
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -93,11 +117,17 @@ def test_image_split_attention_equals_the_masked_reference(mode, train, monkeypa
     assert (got.embedding - expected.embedding).abs().max() <= TOL
     assert (got.readonly - expected.readonly).abs().max() <= TOL
     # Gradients too: the same function, so the same parameter gradients.
-    got_grads = torch.autograd.grad((got.embedding.sum() + got.readonly.pow(2).sum()),
-                                    [p for p in encoder.parameters() if p.requires_grad])
-    ref_grads = torch.autograd.grad((expected.embedding.sum() + expected.readonly.pow(2).sum()),
-                                    [p for p in encoder.parameters() if p.requires_grad])
-    assert all((a - b).abs().max() <= 1e-4 * (1 + b.abs().max()) for a, b in zip(got_grads, ref_grads, strict=True))
+    got_grads = torch.autograd.grad(
+        (got.embedding.sum() + got.readonly.pow(2).sum()),
+        [p for p in encoder.parameters() if p.requires_grad],
+    )
+    ref_grads = torch.autograd.grad(
+        (expected.embedding.sum() + expected.readonly.pow(2).sum()),
+        [p for p in encoder.parameters() if p.requires_grad],
+    )
+    assert all(
+        (a - b).abs().max() <= 1e-4 * (1 + b.abs().max()) for a, b in zip(got_grads, ref_grads, strict=True)
+    )
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -125,7 +155,7 @@ def test_split_attention_rows_match_a_masked_softmax():
     key_valid = torch.ones(2, 7, dtype=torch.bool)
     key_valid[1, 3:5] = False
     out = split_attention(q, k, v, num_readonly=2, key_valid=key_valid)
-    scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+    scores = q @ k.transpose(-1, -2) / 8**0.5
     blocked = ~key_valid[:, None, None, :].expand(2, 2, 7, 7).clone()
     blocked[:, :, :5, 5:] = True  # original queries never see the read-only keys
     expected = scores.masked_fill(blocked, float("-inf")).softmax(-1) @ v
@@ -162,8 +192,9 @@ def test_detach_gives_the_readonly_loss_no_gradient_into_the_encoder(modality, m
             encoder = _text_encoder(mode, readonly_grad=readonly_grad).train()
             out = encoder(*_tokens(padded=True))
         own = _encoder_own_parameters(encoder)
-        grads = torch.autograd.grad(out.readonly.pow(2).sum(), [*own.values(), encoder.readonly_tokens.tokens],
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            out.readonly.pow(2).sum(), [*own.values(), encoder.readonly_tokens.tokens], allow_unused=True
+        )
         return dict(zip([*own, "readonly"], grads, strict=True)), out
 
     detached, out_detached = run("detach")

@@ -54,7 +54,10 @@ class RecordValMetrics(Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics}) + "\n")
+            handle.write(
+                json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics})
+                + "\n"
+            )
 
 
 class PauseAt(Callback):
@@ -90,7 +93,10 @@ class _Numbers(torch.utils.data.Dataset):
 def _loader(num_workers: int = 0, seed: int = 3) -> ResumableDataLoader:
     dataset = _Numbers()
     return ResumableDataLoader(
-        dataset, batch_size=4, sampler=EpochShuffleSampler(dataset, seed=seed), num_workers=num_workers,
+        dataset,
+        batch_size=4,
+        sampler=EpochShuffleSampler(dataset, seed=seed),
+        num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -113,7 +119,14 @@ def test_train_loader_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoc
     iterator = iter(interrupted)
     seen = [next(iterator).tolist() for _ in range(2)]
     state = interrupted.state_dict()
-    assert state == {"epoch": 1, "batches_done": 2, "batch_size": 4, "num_samples": 22, "num_replicas": 1, "seed": 3}
+    assert state == {
+        "epoch": 1,
+        "batches_done": 2,
+        "batch_size": 4,
+        "num_samples": 22,
+        "num_replicas": 1,
+        "seed": 3,
+    }
     del iterator
 
     resumed = _loader(num_workers)
@@ -132,9 +145,14 @@ def test_the_trainer_batch_count_wins_over_a_mid_step_position():
     """A checkpoint written during batch 2 (the loader had handed it out; the Trainer will redo it)."""
     reference = _epoch(_loader(), 1)
     resumed = _loader()
-    resumed.load_state_dict({"epoch": 1, "batches_done": 2, "batch_size": 4, "num_samples": 22, "num_replicas": 1, "seed": 3})
+    resumed.load_state_dict(
+        {"epoch": 1, "batches_done": 2, "batch_size": 4, "num_samples": 22, "num_replicas": 1, "seed": 3}
+    )
     resumed.trainer_batches_done = lambda: 1
-    with pytest.warns(UserWarning, match=r"written during batch 2 of epoch 1 .*resuming at batch 2, which the Trainer redoes"):
+    with pytest.warns(
+        UserWarning,
+        match=r"written during batch 2 of epoch 1 .*resuming at batch 2, which the Trainer redoes",
+    ):
         assert _epoch(resumed, 1) == reference[1:]
 
 
@@ -208,13 +226,26 @@ def test_a_checkpoint_written_mid_step_resumes_with_the_same_data(tmp_path):
     def run(callbacks, ckpt_path=None):
         seed_everything(5)
         data = HatefulMemesDataModule(
-            root=str(root), image_encoder="test_vit", text_encoder="tiny-bert", image_size=32, batch_size=4,
-            missing_table_dir=str(tmp_path / "tables"), train_missing={"missing_rate": 0.5, "dynamic": True},
+            root=str(root),
+            image_encoder="test_vit",
+            text_encoder="tiny-bert",
+            image_size=32,
+            batch_size=4,
+            missing_table_dir=str(tmp_path / "tables"),
+            train_missing={"missing_rate": 0.5, "dynamic": True},
         )
         trainer = Trainer(
-            accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
-            default_root_dir=tmp_path, callbacks=[ResumeState(), *callbacks],
+            accelerator="cpu",
+            devices=1,
+            max_epochs=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+            callbacks=[ResumeState(), *callbacks],
         )
         trainer.fit(tiny_system(task="binary", num_classes=2), datamodule=data, ckpt_path=ckpt_path)
 
@@ -235,7 +266,12 @@ STEPS_PER_EPOCH = 3  # 12 train samples, batch 4
 
 
 def _config(tmp_path: Path, root: Path, version: str, extra_callbacks: list[dict]) -> Path:
-    callbacks = [{"class_path": "tests.test_resume.RecordValMetrics", "init_args": {"path": str(tmp_path / f"{version}.jsonl")}}]
+    callbacks = [
+        {
+            "class_path": "tests.test_resume.RecordValMetrics",
+            "init_args": {"path": str(tmp_path / f"{version}.jsonl")},
+        }
+    ]
     config = {
         "seed_everything": 7,
         "trainer": {
@@ -269,10 +305,15 @@ def _config(tmp_path: Path, root: Path, version: str, extra_callbacks: list[dict
 
 def _command(config: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, str(REPO / "cli.py"), "fit",
-        "--config", str(CONFIGS / "data" / "hateful_memes.yaml"),
-        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
-        "--config", str(config),
+        sys.executable,
+        str(REPO / "cli.py"),
+        "fit",
+        "--config",
+        str(CONFIGS / "data" / "hateful_memes.yaml"),
+        "--config",
+        str(CONFIGS / "debug" / "tiny.yaml"),
+        "--config",
+        str(config),
         *extra,
     ]
 
@@ -283,11 +324,15 @@ def _env() -> dict[str, str]:
 
 def _run(command: list[str], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
     with open(tmp_path / f"{name}.log", "w") as log:
-        result = subprocess.run(command, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=600)
+        result = subprocess.run(
+            command, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=600
+        )
     return result
 
 
-def _run_and_signal(command: list[str], tmp_path: Path, name: str, marker: Path, signum: int) -> tuple[int, str]:
+def _run_and_signal(
+    command: list[str], tmp_path: Path, name: str, marker: Path, signum: int
+) -> tuple[int, str]:
     log_path = tmp_path / f"{name}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -295,7 +340,9 @@ def _run_and_signal(command: list[str], tmp_path: Path, name: str, marker: Path,
             deadline = time.monotonic() + 600
             while not marker.exists():
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"{name} ended before the pause point:\n{log_path.read_text()[-3000:]}")
+                    raise AssertionError(
+                        f"{name} ended before the pause point:\n{log_path.read_text()[-3000:]}"
+                    )
                 time.sleep(0.2)
             process.send_signal(signum)  # from outside, as a scheduler would
             code = process.wait(timeout=300)
@@ -345,28 +392,54 @@ def test_sigterm_mid_epoch_and_sigkill_after_a_checkpoint_resume_to_the_uninterr
 
     # 2. SIGTERM in the middle of epoch 1 (after its first batch, global step 4).
     marker = tmp_path / "sigterm.marker"
-    pause = [{"class_path": "tests.test_resume.PauseAt", "init_args": {"step": STEPS_PER_EPOCH + 1, "marker": str(marker)}}]
-    code, log = _run_and_signal(_command(_config(tmp_path, root, "interrupted", pause)), tmp_path, "sigterm", marker, signal.SIGTERM)
+    pause = [
+        {
+            "class_path": "tests.test_resume.PauseAt",
+            "init_args": {"step": STEPS_PER_EPOCH + 1, "marker": str(marker)},
+        }
+    ]
+    code, log = _run_and_signal(
+        _command(_config(tmp_path, root, "interrupted", pause)), tmp_path, "sigterm", marker, signal.SIGTERM
+    )
     assert code == 128 + signal.SIGTERM, log[-3000:]
     assert "Stopped by SIGTERM after global step 4" in log
     run_dir = tmp_path / "runs" / "resume" / "interrupted" / "checkpoints"
     saved = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == STEPS_PER_EPOCH + 1
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] == {
-        "epoch": 1, "batches_done": 1, "batch_size": 4, "num_samples": 12, "num_replicas": 1, "seed": 7,
+        "epoch": 1,
+        "batches_done": 1,
+        "batch_size": 4,
+        "num_samples": 12,
+        "num_replicas": 1,
+        "seed": 7,
     }
 
     # 3. Resume; SIGKILL in the middle of epoch 2 (the newest checkpoint: end of epoch 1, step 6).
     marker = tmp_path / "sigkill.marker"
-    pause = [{"class_path": "tests.test_resume.PauseAt", "init_args": {"step": 2 * STEPS_PER_EPOCH + 2, "marker": str(marker)}}]
+    pause = [
+        {
+            "class_path": "tests.test_resume.PauseAt",
+            "init_args": {"step": 2 * STEPS_PER_EPOCH + 2, "marker": str(marker)},
+        }
+    ]
     code, log = _run_and_signal(
-        _command(_config(tmp_path, root, "interrupted", pause), "--ckpt_path", "last"), tmp_path, "sigkill", marker, signal.SIGKILL
+        _command(_config(tmp_path, root, "interrupted", pause), "--ckpt_path", "last"),
+        tmp_path,
+        "sigkill",
+        marker,
+        signal.SIGKILL,
     )
     assert code == -signal.SIGKILL, log[-3000:]
-    assert torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2 * STEPS_PER_EPOCH
+    assert (
+        torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+        == 2 * STEPS_PER_EPOCH
+    )
 
     # 4. Resume to the end.
-    resumed = _run(_command(_config(tmp_path, root, "interrupted", []), "--ckpt_path", "last"), tmp_path, "resumed")
+    resumed = _run(
+        _command(_config(tmp_path, root, "interrupted", []), "--ckpt_path", "last"), tmp_path, "resumed"
+    )
     assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
 
     expected, got = _records(tmp_path / "reference.jsonl"), _records(tmp_path / "interrupted.jsonl")

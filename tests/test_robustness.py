@@ -98,7 +98,12 @@ def test_writer_rejects_rows_without_fields(tmp_path):
 
 
 def test_grid_validation():
-    assert parse_grid([0.5, 0.0, 0.5], ["both", "text"]) == [("both", 0.0), ("both", 0.5), ("text", 0.0), ("text", 0.5)]
+    assert parse_grid([0.5, 0.0, 0.5], ["both", "text"]) == [
+        ("both", 0.0),
+        ("both", 0.5),
+        ("text", 0.0),
+        ("text", 0.5),
+    ]
     with pytest.raises(ValueError, match="missing_rates: every rate must be in"):
         parse_grid([0.0, 1.2], ["text"])
     with pytest.raises(ValueError, match="missing_types: unknown type 'audio'"):
@@ -110,12 +115,18 @@ def test_grid_validation():
 
 def _common_args(root: Path, tmp: Path, data_config: str = "food101.yaml") -> list[str]:
     return [
-        "--config", str(CONFIGS / "data" / data_config),
-        "--config", str(CONFIGS / "debug" / "tiny.yaml"),
-        "--data.root", str(root),
-        "--data.batch_size", "8",
-        "--data.missing_table_dir", str(tmp / "tables"),
-        "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
+        "--config",
+        str(CONFIGS / "data" / data_config),
+        "--config",
+        str(CONFIGS / "debug" / "tiny.yaml"),
+        "--data.root",
+        str(root),
+        "--data.batch_size",
+        "8",
+        "--data.missing_table_dir",
+        str(tmp / "tables"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp / "runs"),
     ]
 
 
@@ -128,18 +139,36 @@ def trained(tmp_path_factory) -> dict:
     out = {"common": common, "tmp": tmp}
     for strategy, config in (("predict", "method.yaml"), ("dummy_input", "dummy_input.yaml")):
         cli = make_cli(
-            ["fit", *common, "--config", str(CONFIGS / "model" / "strategy" / config),
-             "--config", str(CONFIGS / "missing" / "missing_training_both.yaml"),
-             "--trainer.max_epochs", "2", "--trainer.logger.init_args.name", strategy]
+            [
+                "fit",
+                *common,
+                "--config",
+                str(CONFIGS / "model" / "strategy" / config),
+                "--config",
+                str(CONFIGS / "missing" / "missing_training_both.yaml"),
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.logger.init_args.name",
+                strategy,
+            ]
         )
-        out[strategy] = {"ckpt": cli.trainer.checkpoint_callback.last_model_path, "log_dir": Path(cli.trainer.log_dir)}
+        out[strategy] = {
+            "ckpt": cli.trainer.checkpoint_callback.last_model_path,
+            "log_dir": Path(cli.trainer.log_dir),
+        }
     return out
 
 
 def _test_metrics(trained: dict, ckpt: str, missing_type: str, rate: float) -> dict[str, float]:
     cli = make_cli(
-        ["test", *trained["common"], "--ckpt_path", ckpt,
-         "--data.init_args.test_missing", json.dumps({"missing_rate": rate, "missing_type": missing_type})]
+        [
+            "test",
+            *trained["common"],
+            "--ckpt_path",
+            ckpt,
+            "--data.init_args.test_missing",
+            json.dumps({"missing_rate": rate, "missing_type": missing_type}),
+        ]
     )
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
@@ -150,8 +179,20 @@ def test_robustness_equals_test_metric_at_each_setting(trained, strategy):
     ckpt = trained[strategy]["ckpt"]
     out_dir = trained["tmp"] / f"robustness-{strategy}"
     make_cli(
-        ["robustness", *trained["common"], "--ckpt_path", ckpt, "--out_dir", str(out_dir),
-         "--missing_rates", "[0.0, 0.5, 1.0]", "--missing_types", "[text, image, both]", "--progress", "false"]
+        [
+            "robustness",
+            *trained["common"],
+            "--ckpt_path",
+            ckpt,
+            "--out_dir",
+            str(out_dir),
+            "--missing_rates",
+            "[0.0, 0.5, 1.0]",
+            "--missing_types",
+            "[text, image, both]",
+            "--progress",
+            "false",
+        ]
     )
     document = read_robustness_json(out_dir / "robustness.json")
     rows = document["rows"]
@@ -164,9 +205,15 @@ def test_robustness_equals_test_metric_at_each_setting(trained, strategy):
         expected = _test_metrics(trained, ckpt, missing_type, rate)
         for metric in ("accuracy", "f1_macro"):
             (row,) = [
-                r for r in rows if r["missing_type"] == missing_type and r["missing_rate"] == rate and r["metric"] == metric
+                r
+                for r in rows
+                if r["missing_type"] == missing_type and r["missing_rate"] == rate and r["metric"] == metric
             ]
-            assert row["value"] == pytest.approx(expected[f"test/{metric}"], abs=1e-6), (missing_type, rate, metric)
+            assert row["value"] == pytest.approx(expected[f"test/{metric}"], abs=1e-6), (
+                missing_type,
+                rate,
+                metric,
+            )
             counts = missing_counts(30, rate, missing_type)
             assert row["n_text_missing"] == counts["text_missing"]
             assert row["n_image_missing"] == counts["image_missing"]
@@ -177,8 +224,21 @@ def test_robustness_equals_test_metric_at_each_setting(trained, strategy):
 @pytest.mark.slow
 def test_robustness_default_output_folder_and_saved_config(trained):
     ckpt = Path(trained["predict"]["ckpt"])
-    make_cli(["robustness", *trained["common"], "--ckpt_path", str(ckpt), "--missing_rates", "[0.0, 1.0]", "--progress", "false"])
-    out_dir = trained["predict"]["log_dir"] / "robustness"  # <run folder>/robustness for <run folder>/checkpoints/x.ckpt
+    make_cli(
+        [
+            "robustness",
+            *trained["common"],
+            "--ckpt_path",
+            str(ckpt),
+            "--missing_rates",
+            "[0.0, 1.0]",
+            "--progress",
+            "false",
+        ]
+    )
+    out_dir = (
+        trained["predict"]["log_dir"] / "robustness"
+    )  # <run folder>/robustness for <run folder>/checkpoints/x.ckpt
     assert sorted(p.name for p in out_dir.iterdir()) == sorted([*OUTPUT_NAMES, "config.yaml"])
     rows = read_robustness_json(out_dir / "robustness.json")["rows"]
     complete = {r["value"] for r in rows if r["missing_rate"] == 0.0 and r["metric"] == "accuracy"}
@@ -202,8 +262,22 @@ def test_robustness_uses_the_model_multilabel_threshold(tmp_path):
     fitted = make_cli(["fit", *common, "--trainer.max_epochs", "1"])
     ckpt = fitted.trainer.checkpoint_callback.last_model_path
     out_dir = tmp_path / "sweep"
-    make_cli(["robustness", *common, "--ckpt_path", ckpt, "--out_dir", str(out_dir),
-              "--missing_rates", "[0.5]", "--missing_types", "[image]", "--progress", "false"])
+    make_cli(
+        [
+            "robustness",
+            *common,
+            "--ckpt_path",
+            ckpt,
+            "--out_dir",
+            str(out_dir),
+            "--missing_rates",
+            "[0.5]",
+            "--missing_types",
+            "[image]",
+            "--progress",
+            "false",
+        ]
+    )
     rows = {r["metric"]: r["value"] for r in read_robustness_json(out_dir / "robustness.json")["rows"]}
     expected = _test_metrics({"common": common}, ckpt, "image", 0.5)
     for metric in ("f1_macro", "f1_micro", "f1_weighted", "f1_samples"):

@@ -27,14 +27,22 @@ warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
 
 
 def _batch(codes, seed=0, task="multiclass", num_classes=3):
-    data = SyntheticPairs(len(codes), num_classes=num_classes, task=task, missing_codes=list(codes), seed=seed)
+    data = SyntheticPairs(
+        len(codes), num_classes=num_classes, task=task, missing_codes=list(codes), seed=seed
+    )
     return collate([data[i] for i in range(len(codes))])
 
 
 def _trainer(tmp_path, **kwargs):
     options = dict(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
     )
     options.update(kwargs)
     return Trainer(**options)
@@ -80,8 +88,9 @@ def test_predict_logits_of_a_missing_modality_sample_depend_on_the_present_one()
         assert (model(new_text)[1] - logits[1]).abs().max() > 1e-4
     # And the prediction is what stands in: z_t of the text-missing sample is replaced by ẑ_t.
     emb = model.encode(batch)
-    e_v, e_t = model.missing_fill(emb["z_v"], emb["z_t"], emb["zhat_v"], emb["zhat_t"],
-                                  batch["image_present"], batch["text_present"])
+    e_v, e_t = model.missing_fill(
+        emb["z_v"], emb["z_t"], emb["zhat_v"], emb["zhat_t"], batch["image_present"], batch["text_present"]
+    )
     assert torch.equal(e_t[0], emb["zhat_t"][0]) and torch.equal(e_v[0], emb["z_v"][0])
     assert torch.equal(e_v[1], emb["zhat_v"][1]) and torch.equal(e_t[1], emb["z_t"][1])
 
@@ -104,7 +113,9 @@ def test_fuse_with_missing_on_complete_embeddings_equals_encoding_the_fillers(st
     with_fillers = _batch(codes, seed=3)  # same samples, fillers where missing
     with torch.no_grad():
         emb = model.encode(complete)
-        from_complete = model.fuse_with_missing(emb, with_fillers["image_present"], with_fillers["text_present"])
+        from_complete = model.fuse_with_missing(
+            emb, with_fillers["image_present"], with_fillers["text_present"]
+        )
         direct = model(with_fillers)
     tolerance = 1e-5 if strategy == "dummy_input" else 0.0
     assert (from_complete - direct).abs().max() <= tolerance
@@ -126,7 +137,9 @@ def test_filler_embeddings_are_constant_in_eval_mode():
 
 
 @pytest.mark.parametrize("strategy", MISSING_STRATEGIES)
-@pytest.mark.parametrize("codes", [[TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING], [COMPLETE, TEXT_MISSING, IMAGE_MISSING]])
+@pytest.mark.parametrize(
+    "codes", [[TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING], [COMPLETE, TEXT_MISSING, IMAGE_MISSING]]
+)
 def test_every_trainable_parameter_gets_a_gradient_whatever_the_missing_pattern(strategy, codes):
     """Mask, don't skip: with no (or one) complete sample every trainable parameter is still used (DDP-safe)."""
     model = tiny_system(missing_strategy=strategy, substitution=strategy == "predict")
@@ -158,8 +171,15 @@ def test_loss_terms_and_substitution():
     seed_everything(0)
     model = tiny_system(substitution=True, pred_loss_weight=0.5)
     losses, _ = model.compute_losses(_batch([COMPLETE, COMPLETE, TEXT_MISSING, COMPLETE]))
-    assert set(losses) == {"loss", "task_loss", "substitution_loss", "pred_loss", "vicreg_invariance",
-                           "vicreg_variance", "vicreg_covariance"}
+    assert set(losses) == {
+        "loss",
+        "task_loss",
+        "substitution_loss",
+        "pred_loss",
+        "vicreg_invariance",
+        "vicreg_variance",
+        "vicreg_covariance",
+    }
     assert losses["substitution_loss"] > 0
     assert torch.allclose(losses["loss"], losses["task_loss"] + 0.5 * losses["pred_loss"])
 
@@ -176,7 +196,12 @@ def _mean_task_loss(model, data) -> float:
 
 def test_fit_lowers_the_loss_and_checkpoint_reloads_exactly(tmp_path):
     seed_everything(0)
-    data = SyntheticDataModule(num_train=32, num_eval=16, batch_size=8, train_missing=[COMPLETE, COMPLETE, TEXT_MISSING, IMAGE_MISSING])
+    data = SyntheticDataModule(
+        num_train=32,
+        num_eval=16,
+        batch_size=8,
+        train_missing=[COMPLETE, COMPLETE, TEXT_MISSING, IMAGE_MISSING],
+    )
     model = tiny_system()
     before = _mean_task_loss(model, data)
     model.train()
@@ -237,8 +262,14 @@ def test_validation_logs_task_metrics_overall_and_per_missing_case(tmp_path, tas
     assert results["val/text_missing/num_samples"] == 3
     assert model.monitor in results
     # The predicted embeddings' diagnostics, on the complete samples.
-    for name in ("cos_image", "cos_text", "std_ratio_image", "std_ratio_text",
-                 "substitution_accuracy_image", "substitution_accuracy_text"):
+    for name in (
+        "cos_image",
+        "cos_text",
+        "std_ratio_image",
+        "std_ratio_text",
+        "substitution_accuracy_image",
+        "substitution_accuracy_text",
+    ):
         assert f"val/prediction/{name}" in results
     assert -1.0 <= results["val/prediction/cos_text"] <= 1.0
     assert results["val/prediction/std_ratio_image"] > 0
@@ -249,7 +280,10 @@ def test_substitution_accuracy_is_the_heads_accuracy_on_one_predicted_embedding(
     batch = _batch([COMPLETE, COMPLETE, COMPLETE, TEXT_MISSING])
     with torch.no_grad():
         emb = model.encode(batch)
-        logits = {"image": model.head(emb["zhat_v"], emb["z_t"]), "text": model.head(emb["z_v"], emb["zhat_t"])}
+        logits = {
+            "image": model.head(emb["zhat_v"], emb["z_t"]),
+            "text": model.head(emb["z_v"], emb["zhat_t"]),
+        }
         metric = model.prediction_diagnostics["val_metrics"]
         metric.update(emb, logits, batch["label"], torch.tensor([True, True, True, False]))
         values = metric.compute()
@@ -279,14 +313,20 @@ def test_target_matched_vicreg_learns_the_targets_statistics_in_training_only():
 def test_readonly_grad_detach_keeps_the_prediction_loss_out_of_the_encoders():
     model = tiny_system(readonly_grad="detach", stop_grad_target=True)
     losses, _ = model.compute_losses(_batch([COMPLETE, COMPLETE, COMPLETE, COMPLETE]))
-    own = [p for n, p in model.named_parameters()
-           if p.requires_grad and n.startswith(("image_encoder.", "text_encoder.")) and "readonly" not in n]
+    own = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and n.startswith(("image_encoder.", "text_encoder.")) and "readonly" not in n
+    ]
     grads = torch.autograd.grad(losses["pred_loss"], own, allow_unused=True)
     assert own and all(g is None or torch.count_nonzero(g) == 0 for g in grads)
     through = tiny_system(readonly_grad="through", stop_grad_target=True)
     losses, _ = through.compute_losses(_batch([COMPLETE, COMPLETE, COMPLETE, COMPLETE]))
-    own = [p for n, p in through.named_parameters()
-           if p.requires_grad and n.startswith(("image_encoder.", "text_encoder.")) and "readonly" not in n]
+    own = [
+        p
+        for n, p in through.named_parameters()
+        if p.requires_grad and n.startswith(("image_encoder.", "text_encoder.")) and "readonly" not in n
+    ]
     grads = torch.autograd.grad(losses["pred_loss"], own, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -310,7 +350,12 @@ def test_samples_f1_matches_per_sample_definition():
 
 
 def test_metric_collections_by_task():
-    assert set(build_metric_collection("multilabel", 5).keys()) == {"f1_macro", "f1_micro", "f1_weighted", "f1_samples"}
+    assert set(build_metric_collection("multilabel", 5).keys()) == {
+        "f1_macro",
+        "f1_micro",
+        "f1_weighted",
+        "f1_samples",
+    }
     assert set(build_metric_collection("multiclass", 5).keys()) == {"accuracy", "f1_macro", "ece"}
     assert set(build_metric_collection("binary", 2).keys()) == {"auroc", "accuracy", "ece"}
     assert tiny_system(task="multilabel", num_classes=4).monitor == "val/f1_macro"
@@ -331,7 +376,10 @@ def test_optimizer_groups_and_schedule(schedule):
     assert groups["encoder"]["weight_decay"] == 0.05 and groups["head_no_decay"]["weight_decay"] == 0.0
     assert all(p.ndim == 1 for p in groups["head_no_decay"]["params"])
     encoder_ids = {id(p) for p in groups["encoder"]["params"]}
-    assert encoder_ids == {id(model.image_encoder.task_prompts.tokens), id(model.text_encoder.task_prompts.tokens)}
+    assert encoder_ids == {
+        id(model.image_encoder.task_prompts.tokens),
+        id(model.text_encoder.task_prompts.tokens),
+    }
     covered = sum(len(g["params"]) for g in optimizer.param_groups)
     assert covered == sum(1 for p in model.parameters() if p.requires_grad)
 
@@ -363,5 +411,10 @@ def test_std_ratio_is_the_median_over_dimensions_where_the_target_varies():
     zhat[:, 3] += 0.1 * torch.randn(50, generator=generator)
     metric = PredictionDiagnostics(4, 4)
     logits = {"image": torch.zeros(50, 3), "text": torch.zeros(50, 3)}
-    metric.update({"z_v": z, "zhat_v": zhat, "z_t": z, "zhat_t": zhat}, logits, torch.zeros(50), torch.ones(50, dtype=torch.bool))
+    metric.update(
+        {"z_v": z, "zhat_v": zhat, "z_t": z, "zhat_t": zhat},
+        logits,
+        torch.zeros(50),
+        torch.ones(50, dtype=torch.bool),
+    )
     assert metric.compute()["std_ratio_text"] == pytest.approx(0.5, rel=1e-4)

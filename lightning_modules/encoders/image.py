@@ -67,7 +67,9 @@ class ImageEncoder(PromptedEncoder):
                     f"image backbone {type(backbone).__name__} lacks '{attr}': expected a timm VisionTransformer"
                 )
         if getattr(backbone, "attn_pool", None) is not None:
-            raise ValueError("image backbone uses attention pooling (global_pool='map'), which is not supported")
+            raise ValueError(
+                "image backbone uses attention pooling (global_pool='map'), which is not supported"
+            )
         check_peft_mode(peft_mode, "image_peft")
         if hasattr(backbone, "reset_classifier"):
             backbone.reset_classifier(0)
@@ -79,11 +81,18 @@ class ImageEncoder(PromptedEncoder):
                 )
             pooling = pool_by_timm[backbone.global_pool]
         if pooling not in IMAGE_POOLINGS:
-            raise ValueError(f"image_pooling: unknown pooling {pooling!r}; expected one of {list(IMAGE_POOLINGS)}")
+            raise ValueError(
+                f"image_pooling: unknown pooling {pooling!r}; expected one of {list(IMAGE_POOLINGS)}"
+            )
         if pooling == "cls" and backbone.num_prefix_tokens < 1:
             raise ValueError("image_pooling 'cls' needs a backbone with a class token")
         self.backbone = apply_peft_mode(
-            backbone, peft_mode, IMAGE_LORA_TARGETS, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout
+            backbone,
+            peft_mode,
+            IMAGE_LORA_TARGETS,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
         )
         self.peft_mode = peft_mode
         self.pooling = pooling
@@ -91,8 +100,13 @@ class ImageEncoder(PromptedEncoder):
         self.embed_dim = int(backbone.embed_dim)
         self.num_layers = len(backbone.blocks)
         self.task_prompts, self.readonly_tokens = build_prompt_modules(
-            peft_mode, prompt_length, prompt_depth, predictor_length,
-            self.embed_dim, self.num_layers, "image encoder",
+            peft_mode,
+            prompt_length,
+            prompt_depth,
+            predictor_length,
+            self.embed_dim,
+            self.num_layers,
+            "image encoder",
         )
         for block in self.backbone.blocks:
             VitBlockAttention(block)  # fails early on blocks the read-only attention cannot take apart
@@ -133,7 +147,7 @@ class ImageEncoder(PromptedEncoder):
         if self.pooling == "cls":
             embedding = x[:, 0]
         else:
-            embedding = x[:, bb.num_prefix_tokens:num_original].mean(dim=1)
+            embedding = x[:, bb.num_prefix_tokens : num_original].mean(dim=1)
         embedding = bb.fc_norm(embedding)
         readonly_features = None
         if num_readonly:

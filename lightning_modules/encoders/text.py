@@ -67,11 +67,18 @@ class TextEncoder(PromptedEncoder):
             )
         check_peft_mode(peft_mode, "text_peft")
         if pooling not in TEXT_POOLINGS:
-            raise ValueError(f"text_pooling: unknown pooling {pooling!r}; expected one of {list(TEXT_POOLINGS)}")
+            raise ValueError(
+                f"text_pooling: unknown pooling {pooling!r}; expected one of {list(TEXT_POOLINGS)}"
+            )
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None
         self.backbone = apply_peft_mode(
-            backbone, peft_mode, TEXT_LORA_TARGETS, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout
+            backbone,
+            peft_mode,
+            TEXT_LORA_TARGETS,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
         )
         self.peft_mode = peft_mode
         self.pooling = pooling
@@ -79,8 +86,13 @@ class TextEncoder(PromptedEncoder):
         self.embed_dim = int(backbone.config.hidden_size)
         self.num_layers = len(backbone.encoder.layer)
         self.task_prompts, self.readonly_tokens = build_prompt_modules(
-            peft_mode, prompt_length, prompt_depth, predictor_length,
-            self.embed_dim, self.num_layers, "text encoder",
+            peft_mode,
+            prompt_length,
+            prompt_depth,
+            predictor_length,
+            self.embed_dim,
+            self.num_layers,
+            "text encoder",
         )
         for layer in self.backbone.encoder.layer:
             BertLayerAttention(layer)  # fails early on layers the read-only attention cannot take apart
