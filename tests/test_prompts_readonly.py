@@ -8,12 +8,10 @@ import pytest
 import torch
 import transformers
 
-from lightning_modules.encoders import image as image_module
+from lightning_modules import readonly_attention
 from lightning_modules.encoders import sources
-from lightning_modules.encoders import text as text_module
 from lightning_modules.encoders.image import ImageEncoder
 from lightning_modules.encoders.text import TextEncoder
-from lightning_modules import readonly_attention
 
 TOL = 1e-5
 
