@@ -1,4 +1,6 @@
-"""Quality ablation on emoji, v2: the method's switches against the plain baselines and the oracle (``make ablation``).
+"""Quality ablation on emoji, v2: the method's switches against the plain baselines and the oracle.
+
+Run by ``make ablation`` (``python -m benchmarks.ablation``).
 
 Cells (one trained model each, written as one JSON under ``<out>/cells/``; finished cells are
 skipped on re-run, so the run is resumable):
@@ -34,7 +36,8 @@ unused text encoder is ``frozen`` (identical function, no wasted backward). ``or
 it. They are trained on the whole training set, complete, in both settings (a ceiling). The fused
 one is the same training as ``zero_plain`` under complete training (no predictor, zero stand-in
 never used), so when that cell is in the run it is not trained twice: its eta = 0 logits stand in
-for ``oracle_fused``. The oracle's prediction for a test sample comes from the fused model when it is complete and from the
+for ``oracle_fused``. The oracle's prediction for a test sample comes from the fused model when it
+is complete and from the
 unimodal model of its present modality otherwise.
 
 Comparisons (test split; the best baseline is chosen on val): per-seed paired differences
@@ -142,8 +145,8 @@ def method_options(variant: str) -> dict[str, Any]:
                 raise ValueError(f"variant {variant!r}: {part!r} is not lambda_<number>") from None
         else:
             raise ValueError(
-                f"variant {variant!r}: unknown switch {part!r}; expected method, {sorted(ATOMIC_SWITCHES)} or "
-                f"{LAMBDA_PREFIX}<x>, joined by '+'"
+                f"variant {variant!r}: unknown switch {part!r}; expected method, "
+                f"{sorted(ATOMIC_SWITCHES)} or {LAMBDA_PREFIX}<x>, joined by '+'"
             )
     return options
 
@@ -282,7 +285,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def same_training(stored: dict, cell: dict) -> bool:
-    """Whether a stored cell trained what ``cell`` describes (options compared with the reference filled in)."""
+    """Whether a stored cell trained what ``cell`` describes (options compared, the reference filled in)."""
     return (
         stored["strategy"] == cell["strategy"]
         and stored["seed"] == cell["seed"]
@@ -307,7 +310,8 @@ def load_done(
             continue
         if stored is not None and verbose:
             print(
-                f"ablation: {path.name} was trained with other options {stored['cell']['options']}; training it again",
+                f"ablation: {path.name} was trained with other options {stored['cell']['options']}; "
+                "training it again",
                 file=sys.stderr,
             )
         pending.append((cell, path))
@@ -315,7 +319,7 @@ def load_done(
 
 
 def _fused_twin(out: Path, cell: dict, config: dict) -> dict | None:
-    """The complete ``zero_plain`` cell of ``cell``'s seed when it holds the eta = 0 logits oracle_fused needs."""
+    """The complete ``zero_plain`` cell of this seed if it holds the eta = 0 logits of oracle_fused."""
     path = cell_path(out, {**cell, "variant": FUSED_TWIN}, config)
     stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     return stored if stored is not None and stored.get("component_logits") else None
@@ -757,7 +761,10 @@ def best_baselines(rows: list[dict]) -> dict[str, str]:
 
 
 def paired_differences(rows: list[dict], split: str = "test") -> list[dict]:
-    """Per setting, test setting and non-baseline variant: variant − best baseline, paired by seed, with a 95 % interval."""
+    """Per setting, test setting and non-baseline variant: variant − best baseline, paired by seed.
+
+    With a 95 % t-interval over the seeds.
+    """
     table = _per_seed(rows, split)
     best = best_baselines(rows)
     out = []
@@ -793,7 +800,7 @@ def paired_differences(rows: list[dict], split: str = "test") -> list[dict]:
 
 
 def gap_closed(rows: list[dict], split: str = "test") -> list[dict]:
-    """(variant − best baseline) / (oracle − best baseline) of the seed means, per setting and 70 % test setting."""
+    """(variant − best baseline) / (oracle − best baseline) of the seed means, per setting and 70 % test."""
     table = summary_table(rows, split)
     best = best_baselines(rows)
     out = []
@@ -919,7 +926,8 @@ def markdown(document: dict) -> str:
     col_names = [f"{t} {int(100 * r)}%" if r else "complete (η=0)" for t, r in TEST_SETTINGS]
     lines = [
         f"Ablation v2 on emoji (`{cfg['label']}` labels), {cfg['image_backbone']} + {cfg['text_backbone']}, "
-        f"PEFT {cfg['peft']}, prompt length {cfg['prompt_length']}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
+        f"PEFT {cfg['peft']}, prompt length {cfg['prompt_length']}, {cfg['epochs']} epochs, "
+        f"batch {cfg['batch_size']}, "
         f"lr {cfg['lr']}, {cfg['image_size']} px; seeds {document['seeds_done']}; tabulated on {where}, "
         f"{header['date']}: `{header['command']}`."
         + (
@@ -929,13 +937,14 @@ def markdown(document: dict) -> str:
         )
         + (f" {document['cells_note']}" if document.get("cells_note") else ""),
         "",
-        "Baselines (`*_plain`): plain late fusion with a fixed stand-in, no predictor tokens, no VICReg — they differ "
-        "from `method` in the stand-in *and* in having no predictor. Method variants differ from `method` in the "
-        "switches in their name: `detach` = read-only tokens read detached keys/values (`readonly_grad: detach`), "
-        "`target_matched` = VICReg in the target's standardised space (`vicreg_space: target_matched`), `lambda_x` = "
-        "VICReg weight x; `method` = stop-gradient on the target, `readonly_grad: through`, raw VICReg, λ = 1. "
-        "`lambda_0` is the task-trained predictor (no VICReg). `oracle`: fused model on complete samples, dedicated "
-        "image-only / text-only models on the others, all trained on the whole complete training set.",
+        "Baselines (`*_plain`): plain late fusion with a fixed stand-in, no predictor tokens, no VICReg — "
+        "they differ from `method` in the stand-in *and* in having no predictor. Method variants differ from "
+        "`method` in the switches in their name: `detach` = read-only tokens read detached keys/values "
+        "(`readonly_grad: detach`), `target_matched` = VICReg in the target's standardised space "
+        "(`vicreg_space: target_matched`), `lambda_x` = VICReg weight x; `method` = stop-gradient on the "
+        "target, `readonly_grad: through`, raw VICReg, λ = 1. `lambda_0` is the task-trained predictor (no "
+        "VICReg). `oracle`: fused model on complete samples, dedicated image-only / text-only models on the "
+        "others, all trained on the whole complete training set.",
         "",
     ]
     for split in ("test", "val"):
@@ -1032,8 +1041,9 @@ def markdown(document: dict) -> str:
             "substitution_accuracy_text",
         ]
         lines += [
-            "**Val diagnostics of the predictions (complete inputs; `image` = ẑ_v from the text, `text` = ẑ_t "
-            "from the image; substitution accuracy = the head on one predicted embedding), mean ± std**",
+            "**Val diagnostics of the predictions (complete inputs; `image` = ẑ_v from the text, "
+            "`text` = ẑ_t from the image; substitution accuracy = the head on one predicted embedding), "
+            "mean ± std**",
             "",
             "| setting | variant | " + " | ".join(names) + " |",
             "|---|---|" + "---:|" * len(names),
@@ -1071,8 +1081,8 @@ def markdown(document: dict) -> str:
     decisions = document.get("defaults", {})
     if decisions:
         lines += [
-            "**Defaults decided on val**: the best method configuration by mean val accuracy over both training "
-            "settings and text / image / both at 70 % (test: the same average, for reference)",
+            "**Defaults decided on val**: the best method configuration by mean val accuracy over both "
+            "training settings and text / image / both at 70 % (test: the same average, for reference)",
             "",
             "| rank | variant | " + " | ".join(SWITCH_NAMES) + " | val score | test score |",
             "|---:|---|" + "---|" * len(SWITCH_NAMES) + "---:|---:|",
@@ -1313,7 +1323,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "ablation.md").write_text(table, encoding="utf-8")
     print(table)
     print(
-        f"ablation: wrote {out / 'ablation.json'} ({len(rows)} rows; {len(document['cells_missing'])} cells left)",
+        f"ablation: wrote {out / 'ablation.json'} ({len(rows)} rows; "
+        f"{len(document['cells_missing'])} cells left)",
         file=sys.stderr,
     )
     if failures:

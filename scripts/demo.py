@@ -1,4 +1,4 @@
-"""The demo (``make demo``): the method, the plain baseline and the oracle's ceiling on emoji, on CPU, in one picture.
+"""The demo (``make demo``): the method, the plain baseline and the oracle's ceiling on emoji, in one picture.
 
 Four models, each with the offline encoders (DINOv2 ViT-S/14 + MiniLM-L6, deep prompts), the same
 seed and ``configs/experiment/emoji_demo.yaml``:
@@ -140,7 +140,8 @@ def fit_arguments(args: argparse.Namespace, name: str) -> list[str]:
         args.out,
         "--trainer.logger.init_args.name",
         name,
-        # tqdm writes its updates to the log file (the rich bar draws only on a terminal): the driver's bars read them.
+        # tqdm writes its updates to the log file (the rich bar draws only on a terminal): the driver's
+        # bars read them.
         "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar",
         *extra,
     ]
@@ -470,7 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     total = time.perf_counter() - started
     lines += [
-        f"- training and sweeps ({args.jobs} at a time, {args.threads} thread(s) each): {training_wall:.0f} s wall",
+        f"- training and sweeps ({args.jobs} at a time, {args.threads} thread(s) each): "
+        f"{training_wall:.0f} s wall",
         f"- the ceiling: {oracle_s:.0f} s",
         f"- total {total:.0f} s ({total / 60:.1f} min)",
         "",
@@ -479,7 +481,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "comparison.md").write_text(report, encoding="utf-8")
     print("\n" + report)
     print(
-        f"Figure {out / 'comparison.png'}; run folders, checkpoints, TensorBoard logs and robustness files under "
+        f"Figure {out / 'comparison.png'}; run folders, checkpoints, TensorBoard logs and robustness "
+        "files under "
         f"{out}/ (tensorboard --logdir {out})."
     )
     return {"results": results, "jobs": done, "total_s": total}
