@@ -169,7 +169,9 @@ def default_robustness_dir(ckpt_path: str | os.PathLike) -> Path:
 
 
 def load_weights(model: UnipairSystem, ckpt_path: str | os.PathLike, weights_only: bool = True) -> dict:
-    """Load a checkpoint's weights into ``model`` as ``Trainer`` does (``on_load_checkpoint``, then the state dict)."""
+    """Load a checkpoint's weights into ``model`` as ``Trainer`` does (``on_load_checkpoint``, then the
+    state dict).
+    """
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=weights_only)
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
@@ -202,7 +204,8 @@ class UnipairTrainer(Trainer):
                 (tokenizer, image transform, max_text_len) and the label names.
             return_predictions: Whether to return the predictions (Lightning's predict).
             ckpt_path: Checkpoint to load (``best``, ``last`` or a path).
-            weights_only: ``torch.load``'s ``weights_only`` for the checkpoint (Lightning's default when null).
+            weights_only: ``torch.load``'s ``weights_only`` for the checkpoint (Lightning's default when
+                null).
             predict_file: A JSONL file of rows with optional ``image`` (path, relative to the file's
                 folder or absolute), optional ``text`` and optional ``id``; each row needs an image or a text.
             output_file: Where to write the predictions (JSONL). Default with ``predict_file``:
@@ -373,8 +376,8 @@ class UnipairCLI(LightningCLI):
             from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
             rank_zero_warn(
-                f"--ckpt_path {ckpt_path}: the model is built with the checkpoint's hyperparameters; these settings "
-                f"of the config/command line were replaced (given -> checkpoint): {replaced}"
+                f"--ckpt_path {ckpt_path}: the model is built with the checkpoint's hyperparameters; these "
+                f"settings of the config/command line were replaced (given -> checkpoint): {replaced}"
             )
 
     def before_instantiate_classes(self) -> None:
@@ -416,15 +419,16 @@ def check_checkpoint_file(ckpt_path: str | os.PathLike) -> None:
         # First sentence only: torch's longer advice (e.g. "re-run with weights_only=False") does not apply.
         first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
         raise UserInputError(
-            f"--ckpt_path {ckpt_path}: cannot be read as a checkpoint ({type(error).__name__}: {first[:200]}). "
-            "Is it a complete .ckpt file written by `unipair fit` (not truncated by a copy or a full disk)?"
+            f"--ckpt_path {ckpt_path}: cannot be read as a checkpoint ({type(error).__name__}: "
+            f"{first[:200]}). Is it a complete .ckpt file written by `unipair fit` (not truncated by a copy "
+            "or a full disk)?"
         ) from error
     required = ("state_dict", "pytorch-lightning_version")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise UserInputError(
-            f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (expected the keys {list(required)}, found {keys}); "
-            "pass a .ckpt file written by `unipair fit`"
+            f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (expected the keys {list(required)}, found "
+            f"{keys}); pass a .ckpt file written by `unipair fit`"
         )
 
 
@@ -456,8 +460,8 @@ def check_encoder_names(config: Any) -> None:
     ):
         raise ValueError(
             f"model.image_backbone: unknown image encoder {image_name!r}; expected a built-in "
-            f"({', '.join(sources.BUILTIN_IMAGE_BACKBONES)}), a timm model name (e.g. vit_base_patch16_224, test_vit), "
-            "a Hugging Face Hub id holding a timm model, or a local folder"
+            f"({', '.join(sources.BUILTIN_IMAGE_BACKBONES)}), a timm model name (e.g. vit_base_patch16_224, "
+            "test_vit), a Hugging Face Hub id holding a timm model, or a local folder"
         )
     if text_name in sources.BUILTIN_TEXT_BACKBONES or Path(text_name).expanduser().is_dir():
         return
@@ -471,8 +475,8 @@ def check_encoder_names(config: Any) -> None:
         raise ValueError(
             f"model.text_backbone: cannot resolve text encoder {text_name!r} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}); expected a built-in "
-            f"({', '.join(sources.BUILTIN_TEXT_BACKBONES)}), a Hugging Face model id (needs network or the HF cache), "
-            "or a local folder"
+            f"({', '.join(sources.BUILTIN_TEXT_BACKBONES)}), a Hugging Face model id (needs network or the "
+            "HF cache), or a local folder"
         ) from error
 
 
@@ -487,13 +491,15 @@ def check_data_root(config: Any) -> None:
     root = config.data.init_args.get("root") if config.data and config.data.get("init_args") else None
     if root is not None and not Path(root).expanduser().exists():
         raise FileNotFoundError(
-            f"data.root: folder {root} does not exist ({config.data.class_path}); download and unpack the dataset "
-            "there (see the README) or pass --data.root <folder>"
+            f"data.root: folder {root} does not exist ({config.data.class_path}); download and unpack the "
+            "dataset there (see the README) or pass --data.root <folder>"
         )
 
 
 def make_cli(args: ArgsType = None, run: bool = True) -> UnipairCLI:
-    """Parse ``args`` (default: ``sys.argv``), build model/data/trainer and, with ``run``, run the subcommand."""
+    """Parse ``args`` (default: ``sys.argv``), build model/data/trainer and, with ``run``, run the
+    subcommand.
+    """
     return UnipairCLI(
         UnipairSystem,
         MissingModalityDataModule,

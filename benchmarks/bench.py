@@ -1,4 +1,5 @@
-"""Efficiency per PEFT mode: parameters, training-step and inference throughput, memory, FLOPs (``make bench``).
+"""Efficiency per PEFT mode: parameters, training-step and inference throughput, memory, FLOPs \
+(``make bench``).
 
 For each PEFT mode (prompt, bitfit, lora, full, frozen; the same mode on both encoders) with the
 read-only predictor and the ``predict`` strategy, on synthetic batches of the demo's shape:
@@ -676,8 +677,8 @@ def run_isolated(cfg: dict) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, cwd=common.ROOT)
     if result.returncode != 0:
         raise RuntimeError(
-            f"bench worker for mode {cfg['mode']!r} (predictor_length={cfg['predictor_length']}) failed with exit "
-            f"code {result.returncode}:\n{result.stderr[-3000:]}"
+            f"bench worker for mode {cfg['mode']!r} (predictor_length={cfg['predictor_length']}) failed with "
+            f"exit code {result.returncode}:\n{result.stderr[-3000:]}"
         )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -819,18 +820,18 @@ def markdown(document: dict) -> str:
     s = document["settings"]
     header = document["header"]
     machine = header["machine"]
-    where = (
-        machine.get("gpu")
-        or f"{machine['cpu']} ({machine['cpu_count']} cores, {s.get('threads', machine['torch_threads'])} torch threads)"
+    where = machine.get("gpu") or (
+        f"{machine['cpu']} ({machine['cpu_count']} cores, {s.get('threads', machine['torch_threads'])} "
+        "torch threads)"
     )
     memory_column = "train peak alloc (MiB)" if s["device_type"] == "cuda" else "peak RSS (MiB)"
     load = machine.get("load_average")
     lines = [
-        f"Bench: {s['image_backbone']} + {s['text_arch']} ({'pretrained' if s['pretrained'] else 'random init'}), "
-        f"batch {s['batch_size']}, {s['image_size']} px, {s['text_len']} text tokens, "
-        f"{'bf16 autocast' if s['device_type'] == 'cuda' else 'fp32'}, AdamW {s.get('adamw', 'default')}; "
-        f"{where}; {header['date']}; median of {s['steps']} steps after {s['warmup']} warm-up, "
-        "configurations interleaved. "
+        f"Bench: {s['image_backbone']} + {s['text_arch']} "
+        f"({'pretrained' if s['pretrained'] else 'random init'}), batch {s['batch_size']}, {s['image_size']} "
+        f"px, {s['text_len']} text tokens, {'bf16 autocast' if s['device_type'] == 'cuda' else 'fp32'}, "
+        f"AdamW {s.get('adamw', 'default')}; {where}; {header['date']}; median of {s['steps']} steps after "
+        f"{s['warmup']} warm-up, configurations interleaved. "
         f"Matmul rate measured in the run: {_si(document['matmul_flops_per_s'])}FLOP/s"
         + (f"; load average at the start {load[0]:.1f}." if load else "."),
         "",
@@ -838,7 +839,8 @@ def markdown(document: dict) -> str:
         "",
         "| configuration | pred. tokens | trainable / total params | trainable % | train step (s) | "
         "train step CPU (s) | "
-        f"train samples/s | infer samples/s | {memory_column} | train GFLOP/sample | achieved FLOP/s | % of matmul rate |",
+        f"train samples/s | infer samples/s | {memory_column} | train GFLOP/sample | achieved FLOP/s | % of "
+        "matmul rate |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in document["rows"]:
@@ -1009,7 +1011,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
     timed_cfgs = [cfg for cfg, st in zip(cfgs, statics, strict=True) if "error" not in st]
     print(
-        f"bench: timing {len(timed_cfgs)} configurations interleaved ({args.warmup} warm-up + {args.steps} rounds) ...",
+        f"bench: timing {len(timed_cfgs)} configurations interleaved ({args.warmup} warm-up + {args.steps} "
+        "rounds) ...",
         file=sys.stderr,
         flush=True,
     )

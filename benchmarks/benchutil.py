@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: run header, device choice, autocast, timing, text backbones by config.
+"""Helpers shared by the benchmark scripts: run header, device choice, autocast, timing, text backbones by
+config.
 
 Kept free of side effects at import (no torch threads set, nothing created) so every script and the
 tests can import it.
@@ -60,7 +61,8 @@ PRESET_KEYS = (
 
 
 def encoder_preset(name: str) -> dict[str, Any]:
-    """The encoders and sizes of preset ``name`` (a key of ENCODER_PRESET_FILES), as ``UnipairSystem`` gets them.
+    """The encoders and sizes of preset ``name`` (a key of ENCODER_PRESET_FILES), as ``UnipairSystem`` gets
+    them.
 
     Read from ``configs/model/encoders/<file>.yaml``, the files users compose, with what a file leaves
     out taken from ``UnipairSystem``'s defaults, so a benchmark trains what the configs train. The

@@ -119,7 +119,8 @@ def read_store(prefix: Path) -> tuple[dict[str, np.ndarray], dict]:
     document = json.loads(meta_path.read_text(encoding="utf-8"))
     if document.get("format_version") != PACK_FORMAT_VERSION:
         raise ValueError(
-            f"device pack {meta_path}: format {document.get('format_version')}, expected {PACK_FORMAT_VERSION}"
+            f"device pack {meta_path}: format {document.get('format_version')}, expected "
+            f"{PACK_FORMAT_VERSION}"
         )
     payload = bin_path.read_bytes()
     if hashlib.sha256(payload).hexdigest() != document["sha256"]:
@@ -271,7 +272,8 @@ def export_pack(out: Path, image_size: int, max_text_len: int, root: str | None)
     manifest["total_bytes"] = sum(manifest["bytes"].values())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     print(
-        f"device pack: {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - started:.0f} s)",
+        f"device pack: {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - started:.0f} "
+        "s)",
         file=sys.stderr,
     )
     return manifest
@@ -330,8 +332,8 @@ def tensors_from_pack(pack: Path, settings: dict) -> dict[str, Any]:
     check = "identical"
     if mismatches:
         check = (
-            f"the image transform here differs from the one at export on {len(mismatches)} reference samples: "
-            f"{mismatches[:3]} (transform here {transform!r})"
+            f"the image transform here differs from the one at export on {len(mismatches)} reference "
+            f"samples: {mismatches[:3]} (transform here {transform!r})"
         )
         print(f"device pack: WARNING: {check}", file=sys.stderr)
     presence = {}
@@ -402,7 +404,8 @@ def system_from_pack(pack: Path, kwargs: dict):
     settings = json.loads((pack / "encoders.json").read_text(encoding="utf-8"))
     if kwargs.get("img_size") != settings["image_size"]:
         raise ValueError(
-            f"device pack {pack}: DINOv2 packed for {settings['image_size']} px, run asks for {kwargs.get('img_size')}"
+            f"device pack {pack}: DINOv2 packed for {settings['image_size']} px, run asks for "
+            f"{kwargs.get('img_size')}"
         )
     kwargs = {
         **kwargs,

@@ -219,8 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     lines = [
         f"Training step on CPU ({header['machine']['cpu']}, {header['machine']['torch_threads']} threads), "
-        f"{args.image_backbone} + {args.text_backbone}, {args.peft}, batch {args.batch_size}, {args.image_size} px, "
-        f"{'synthetic batch' if args.synthetic_data else 'emoji train batches (num_workers=0)'}; {header['date']}.",
+        f"{args.image_backbone} + {args.text_backbone}, {args.peft}, batch {args.batch_size}, "
+        f"{args.image_size} px, "
+        f"{'synthetic batch' if args.synthetic_data else 'emoji train batches (num_workers=0)'}; "
+        f"{header['date']}.",
         "",
     ]
     profile = profile_sections(args, next_batch)

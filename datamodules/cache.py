@@ -134,7 +134,9 @@ def atomic_directory(final_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete leftovers of interrupted atomic writes in ``folder`` (e.g. after a SIGKILL); return the count."""
+    """Delete leftovers of interrupted atomic writes in ``folder`` (e.g. after a SIGKILL); return the
+    count.
+    """
     folder = Path(folder)
     removed = 0
     if not folder.is_dir():

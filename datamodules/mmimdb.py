@@ -143,8 +143,8 @@ class MMIMDbDataModule(BenchmarkDataModule):
                 ) from exc
             if not isinstance(data, dict):
                 raise ValueError(
-                    f"MM-IMDb {name} sample {movie!r}: {json_path} holds a {type(data).__name__}; expected a JSON object "
-                    "with 'genres' and 'plot'"
+                    f"MM-IMDb {name} sample {movie!r}: {json_path} holds a {type(data).__name__}; expected a "
+                    "JSON object with 'genres' and 'plot'"
                 )
             label = self._label_from_genres(data.get("genres"), movie, json_path)
             plots = data.get("plot")
@@ -161,7 +161,8 @@ class MMIMDbDataModule(BenchmarkDataModule):
     def _label_from_genres(self, genres, movie: str, source) -> tuple[int, ...]:
         if not isinstance(genres, list):
             raise ValueError(
-                f"MM-IMDb sample {movie!r} ({source}): field 'genres' is {genres!r}; expected a list of genre names"
+                f"MM-IMDb sample {movie!r} ({source}): field 'genres' is {genres!r}; expected a list of "
+                "genre names"
             )
         indices = []
         for genre in genres:
@@ -169,8 +170,8 @@ class MMIMDbDataModule(BenchmarkDataModule):
                 indices.append(self._genre_index[genre])
             elif self.extra_genres == "error":
                 raise ValueError(
-                    f"MM-IMDb sample {movie!r} ({source}): genre {genre!r} is not one of the 23 benchmark genres "
-                    f"{MMIMDB_GENRES}; set extra_genres: ignore to skip such genres as MAP does"
+                    f"MM-IMDb sample {movie!r} ({source}): genre {genre!r} is not one of the 23 benchmark "
+                    f"genres {MMIMDB_GENRES}; set extra_genres: ignore to skip such genres as MAP does"
                 )
             else:
                 self.ignored_genre_counts[genre] += 1
@@ -227,7 +228,8 @@ class MMIMDbDataModule(BenchmarkDataModule):
                 or any(v not in (0, 1) for v in multi_hot)
             ):
                 raise ValueError(
-                    f"MM-IMDb sample {movie!r} ({source}): column 'label' is {multi_hot!r}; expected 23 values in {{0, 1}}"
+                    f"MM-IMDb sample {movie!r} ({source}): column 'label' is {multi_hot!r}; expected 23 "
+                    f"values in {{0, 1}}"
                 )
             label = tuple(i for i, v in enumerate(multi_hot) if v == 1)
             texts = [

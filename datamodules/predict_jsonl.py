@@ -122,15 +122,16 @@ def read_prediction_rows(path: str | os.PathLike) -> list[PredictionRow]:
                 )
             if not text.strip():
                 raise PredictionInputError(
-                    f"{where}: field 'text' is empty; give a non-empty string, or omit it (or null) for a missing text"
+                    f"{where}: field 'text' is empty; give a non-empty string, or omit it (or null) for a "
+                    "missing text"
                 )
         image = obj.get("image")
         image_path = None
         if image is not None:
             if not isinstance(image, str) or not image.strip():
                 raise PredictionInputError(
-                    f"{where}: field 'image' must be a non-empty path string, or omitted (or null) for a missing "
-                    f"image; got {image!r}"
+                    f"{where}: field 'image' must be a non-empty path string, or omitted (or null) for a "
+                    f"missing image; got {image!r}"
                 )
             image_path = Path(image).expanduser()
             if not image_path.is_absolute():

@@ -117,9 +117,9 @@ class ResumableDataLoader(DataLoader):
                     # from inside the signal handler): the Trainer redoes that step, so follow its count.
                     trainer_count = self.trainer_batches_done()
                     warnings.warn(
-                        f"the checkpoint was written during batch {skip} of epoch {epoch} (not after a batch); "
-                        f"resuming at batch {trainer_count + 1}, which the Trainer redoes. Random draws of that "
-                        "batch (dropout, augmentation) differ from an uninterrupted run.",
+                        f"the checkpoint was written during batch {skip} of epoch {epoch} (not after a "
+                        f"batch); resuming at batch {trainer_count + 1}, which the Trainer redoes. Random "
+                        "draws of that batch (dropout, augmentation) differ from an uninterrupted run.",
                         stacklevel=2,
                     )
                     skip = trainer_count
@@ -208,9 +208,10 @@ class EvenShardBatchSampler(BatchSampler):
         num_batches = math.ceil(math.ceil(total / world) / self.batch_size)
         if len(mine) < num_batches:
             raise ValueError(
-                f"cannot evaluate {total} samples on {world} processes with batch_size {self.batch_size} so that "
-                f"every process runs the same number of batches ({num_batches}) without repeating samples: "
-                f"process {rank} has only {len(mine)} sample(s). Use a batch_size of at least 2 (or fewer processes)."
+                f"cannot evaluate {total} samples on {world} processes with batch_size {self.batch_size} so "
+                f"that every process runs the same number of batches ({num_batches}) without repeating "
+                f"samples: process {rank} has only {len(mine)} sample(s). Use a batch_size of at least 2 (or "
+                "fewer processes)."
             )
         base, extra = divmod(len(mine), num_batches)
         batches, start = [], 0

@@ -171,8 +171,9 @@ class ResumeState(Callback):
             return
         if len(states) != trainer.world_size:
             rank_zero_warn(
-                f"the checkpoint holds random states of {len(states)} process(es) but this run has {trainer.world_size}; "
-                "random states are not restored (dropout/augmentation draws will differ from the interrupted run)"
+                f"the checkpoint holds random states of {len(states)} process(es) but this run has "
+                f"{trainer.world_size}; random states are not restored (dropout/augmentation draws will "
+                "differ from the interrupted run)"
             )
             return
         restore_rng_state(states[trainer.global_rank])
@@ -230,8 +231,9 @@ class ResumeState(Callback):
             )
         elif found[0].save_last == "link" and self.last_every_epoch:
             rank_zero_warn(
-                "ResumeState: checkpoint.save_last='link' makes last.ckpt a link to the newest top-k checkpoint, "
-                "so it is not refreshed at every epoch end; use save_last: true for an up-to-date last.ckpt"
+                "ResumeState: checkpoint.save_last='link' makes last.ckpt a link to the newest top-k "
+                "checkpoint, so it is not refreshed at every epoch end; use save_last: true for an "
+                "up-to-date last.ckpt"
             )
 
     def _save_last(self, trainer: Trainer, why: str) -> str | None:
@@ -248,7 +250,8 @@ class ResumeState(Callback):
             # (with the loop counters of a finished run). Not in link mode: it would link last to itself.
             callback._last_checkpoint_saved = path
         rank_zero_info(
-            f"ResumeState: saved {path} ({why}, global step {trainer.global_step}, epoch {trainer.current_epoch})"
+            f"ResumeState: saved {path} ({why}, global step {trainer.global_step}, epoch "
+            f"{trainer.current_epoch})"
         )
         return path
 
@@ -337,10 +340,10 @@ class EvaluationCoverage(Callback):
             return
         duplicated = [i for i, c in counts.items() if c > 1][:5]
         message = (
-            f"{stage}: evaluated {len(ids)} samples ({len(counts)} distinct) over {trainer.world_size} process(es), "
-            f"but the split has {expected}; duplicated ids (first 5): {duplicated}. Metrics over duplicated or "
-            "missing samples are wrong. Use the DataModule's own evaluation loaders (every sample once on every "
-            "number of processes) or evaluate on one process."
+            f"{stage}: evaluated {len(ids)} samples ({len(counts)} distinct) over {trainer.world_size} "
+            f"process(es), but the split has {expected}; duplicated ids (first 5): {duplicated}. Metrics "
+            "over duplicated or missing samples are wrong. Use the DataModule's own evaluation loaders "
+            "(every sample once on every number of processes) or evaluate on one process."
         )
         if self.on_mismatch == "error":
             raise RuntimeError(message)

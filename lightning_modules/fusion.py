@@ -39,7 +39,8 @@ class MissingModalityFill(nn.Module):
 
     * ``predict``: the prediction ẑ_m from the other modality's read-only tokens.
     * ``zero``: a zero vector.
-    * ``learned``: a learned "missing" embedding per modality (parameters ``missing_image`` / ``missing_text``).
+    * ``learned``: a learned "missing" embedding per modality (parameters ``missing_image`` /
+      ``missing_text``).
     * ``dummy_input``: z_m itself: the batch already carries the filler input (all-ones image, empty
       text) for a missing modality, so the encoder's output *is* the stand-in.
 

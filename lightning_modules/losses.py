@@ -121,7 +121,8 @@ def vicreg_loss(
     """
     if x.shape != y.shape or x.dim() != 2:
         raise ValueError(
-            f"vicreg_loss needs two [N, D] tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+            f"vicreg_loss needs two [N, D] tensors of the same shape, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
         )
     if stop_grad_target:
         y = y.detach()
@@ -246,6 +247,8 @@ def per_sample_task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) 
 
 
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over the rows where ``weights`` is nonzero; 0 (still in the graph) if there are none."""
+    """Mean of ``values`` over the rows where ``weights`` is nonzero; 0 (still in the graph) if there
+    are none.
+    """
     weights = weights.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp_min(1.0)

@@ -178,7 +178,9 @@ def missing_case_masks(image_present: torch.Tensor, text_present: torch.Tensor) 
 
 
 def monitor_metric(task: str) -> str:
-    """Name of the validation metric that model selection should maximise for ``task`` (e.g. ``val/f1_macro``)."""
+    """Name of the validation metric that model selection should maximise for ``task`` (e.g.
+    ``val/f1_macro``).
+    """
     if task not in MONITOR_METRIC:
         raise ValueError(f"unknown task {task!r}; expected one of {list(MONITOR_METRIC)}")
     return f"val/{MONITOR_METRIC[task]}"

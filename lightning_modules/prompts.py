@@ -89,7 +89,8 @@ def build_prompt_modules(
             raise ValueError(f"{what}: peft mode 'prompt' needs prompt_length >= 1, got {prompt_length}")
         if not 1 <= prompt_depth <= num_layers:
             raise ValueError(
-                f"{what}: prompt_depth must be in [1, {num_layers}] (the encoder's number of layers), got {prompt_depth}"
+                f"{what}: prompt_depth must be in [1, {num_layers}] (the encoder's number of layers), got "
+                f"{prompt_depth}"
             )
         task_prompts = DeepPrompts(prompt_depth, prompt_length, dim)
     readonly_tokens = None

@@ -168,7 +168,9 @@ class VitBlockAttention(LayerAttention):
 
 
 class BertLayerAttention(LayerAttention):
-    """A transformers ``BertLayer``-like layer (post-norm: ``attention.output`` and ``output`` hold the norms)."""
+    """A transformers ``BertLayer``-like layer (post-norm: ``attention.output`` and ``output`` hold the
+    norms).
+    """
 
     def __init__(self, layer: nn.Module) -> None:
         self_attention = layer.attention.self

@@ -72,7 +72,8 @@ CHECKPOINT_SKIPPED_KEY = "unipair_nonfinite_skipped_batches"
 
 
 class UnipairSystem(LightningModule):
-    """Missing-modality prediction with PEFT unimodal encoders, read-only predictor tokens, VICReg, late fusion.
+    """Missing-modality prediction with PEFT unimodal encoders, read-only predictor tokens, VICReg, \
+late fusion.
 
     Args:
         task: ``multiclass``, ``multilabel`` or ``binary`` (binary: two logits, cross-entropy). Linked
@@ -199,7 +200,8 @@ class UnipairSystem(LightningModule):
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         if nonfinite_policy not in NONFINITE_POLICIES:
             raise ValueError(
-                f"nonfinite_policy: unknown policy {nonfinite_policy!r}; expected one of {list(NONFINITE_POLICIES)}"
+                f"nonfinite_policy: unknown policy {nonfinite_policy!r}; expected one of "
+                f"{list(NONFINITE_POLICIES)}"
             )
 
         # Build the backbones under a fixed seed: a randomly initialised frozen backbone is then
@@ -273,7 +275,9 @@ class UnipairSystem(LightningModule):
 
     @property
     def monitor(self) -> str:
-        """The validation metric to maximise for this task (``val/f1_macro``, ``val/accuracy``, ``val/auroc``)."""
+        """The validation metric to maximise for this task (``val/f1_macro``, ``val/accuracy``,
+        ``val/auroc``).
+        """
         return monitor_metric(self.hparams.task)
 
     def trainable_fraction(self) -> float:
@@ -303,7 +307,8 @@ class UnipairSystem(LightningModule):
                 else neither.nonzero().flatten().tolist()
             )
             raise ValueError(
-                f"samples with neither image nor text are invalid input (image_present and text_present both False): {bad}"
+                "samples with neither image nor text are invalid input (image_present and text_present both "
+                f"False): {bad}"
             )
         return image_present, text_present
 

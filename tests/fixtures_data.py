@@ -134,7 +134,8 @@ def _write_arrow(path: Path, columns: dict) -> None:
 
 
 def make_arrow_tables(folder: str | Path, n: int = 6) -> Path:
-    """MAP's tables: ``mmimdb_{train,dev,test}``, ``food101_{train,val,test}``, ``hatememes_{train,dev,test}``.
+    """MAP's tables: ``mmimdb_{train,dev,test}``, ``food101_{train,val,test}``,
+    ``hatememes_{train,dev,test}``.
 
     Each table has ``n`` rows (columns as MAP writes them; texts are lists of strings, MM-IMDb
     rows have two plots). Returns the folder holding the ``.arrow`` files.

@@ -123,7 +123,10 @@ def test_mmimdb_and_food101_text_problems(tmp_path):
     movie.write_text(json.dumps(data))
     with pytest.raises(
         BadSampleError,
-        match=r"train sample '0000002#0': field 'text' absent \(.*0000002\.json field 'plot' \(absent or empty list\)\)",
+        match=(
+            r"train sample '0000002#0': field 'text' absent \(.*0000002\.json field 'plot' \(absent or empty "
+            r"list\)\)"
+        ),
     ):
         MMIMDbDataModule(root=str(root), **TINY).setup("fit")
     dm = MMIMDbDataModule(root=str(root), on_bad_sample="missing", **TINY)
@@ -137,7 +140,10 @@ def test_mmimdb_and_food101_text_problems(tmp_path):
     csv_path.write_text("\n".join(lines) + "\n")
     with pytest.raises(
         BadSampleError,
-        match=r"test sample 'pizza_2\.jpg': field 'text' is empty \(.*test_titles\.csv line 3 field 'title'\)",
+        match=(
+            r"test sample 'pizza_2\.jpg': field 'text' is empty \(.*test_titles\.csv line 3 field "
+            r"'title'\)"
+        ),
     ):
         Food101DataModule(root=str(food), **TINY).setup("test")
 
@@ -276,7 +282,10 @@ def test_labels_outside_the_label_set_are_always_errors(tmp_path, policy):
     edit_jsonl(memes / "dev.jsonl", 0, label=2)
     with pytest.raises(
         BadSampleError,
-        match=r"val sample '10008' \(.*dev\.jsonl line 1.*\): field 'label' is 2; expected a class index in \[0, 2\)",
+        match=(
+            r"val sample '10008' \(.*dev\.jsonl line 1.*\): field 'label' is 2; expected a class index in "
+            r"\[0, 2\)"
+        ),
     ):
         HatefulMemesDataModule(root=str(memes), on_bad_sample=policy, **TINY).setup("fit")
 

@@ -660,7 +660,9 @@ def test_system_from_pack_refuses_other_encoders(tmp_path):
 def test_exported_pack_equals_the_cache_under_bf16_autocast(
     tmp_path, prepared_emoji_cache, prepared_dinov2_cache
 ):
-    """The pack's data are the DataModule's, and its encoders compute like the cached ones under bf16 autocast."""
+    """The pack's data are the DataModule's, and its encoders compute like the cached ones under bf16
+    autocast.
+    """
     pack = tmp_path / "pack"
     device_pack.export_pack(pack, image_size=56, max_text_len=32, root=None)
     settings = {"image_size": 56, "max_text_len": 32, "label": "group", "missing_seed": 0}

@@ -1,9 +1,10 @@
 """The command line: help, every shipped config, fit per dataset, fit -> validate/test, misconfiguration.
 
-Configs that name a real dataset root (``data/mmimdb`` ...) or a hub model (``configs/model/encoders/paper.yaml``)
-are checked at parse level with ``--print_config`` (which does not build anything); the fit tests run
-every dataset config with its ``root`` pointed at the fixture data of ``tests/fixtures_data.py``
-and the tiny setup of ``configs/debug/tiny.yaml`` (random tiny encoders, CPU, small batches).
+Configs that name a real dataset root (``data/mmimdb`` ...) or a hub model
+(``configs/model/encoders/paper.yaml``) are checked at parse level with ``--print_config`` (which does
+not build anything); the fit tests run every dataset config with its ``root`` pointed at the fixture data
+of ``tests/fixtures_data.py`` and the tiny setup of ``configs/debug/tiny.yaml`` (random tiny encoders,
+CPU, small batches).
 """
 
 from __future__ import annotations

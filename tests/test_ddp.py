@@ -1,4 +1,6 @@
-"""DDP on 2 CPU processes (gloo): global-batch gathering with gradient, and a short fit with missing modalities."""
+"""DDP on 2 CPU processes (gloo): global-batch gathering with gradient, and a short fit with missing
+modalities.
+"""
 
 from __future__ import annotations
 

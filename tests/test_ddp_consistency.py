@@ -172,7 +172,10 @@ def test_evaluation_coverage_catches_duplicated_samples(tmp_path):
     )
     with pytest.raises(
         RuntimeError,
-        match=r"val: evaluated 9 samples \(8 distinct\) over 1 process\(es\), but the split has 8; duplicated ids \(first 5\): \['synthetic-0'\]",
+        match=(
+            r"val: evaluated 9 samples \(8 distinct\) over 1 process\(es\), but the split has 8; duplicated "
+            r"ids \(first 5\): \['synthetic-0'\]"
+        ),
     ):
         trainer.validate(tiny_system(), datamodule=_DuplicatingData(num_eval=8), verbose=False)
     coverage = EvaluationCoverage()
@@ -413,6 +416,9 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_naming_it(tmp_path):
     # The task loss is per rank (NaN on rank 1 only); VICReg uses the global batch (NaN on both).
     with pytest.raises(
         Exception,
-        match=r"non-finite loss term\(s\): task_loss \(rank\(s\) \[1\]\), vicreg_invariance \(rank\(s\) \[0, 1\]\), .* at global step 1 ",
+        match=(
+            r"non-finite loss term\(s\): task_loss \(rank\(s\) \[1\]\), vicreg_invariance \(rank\(s\) \[0, "
+            r"1\]\), .* at global step 1 "
+        ),
     ):
         trainer.fit(tiny_system(), datamodule=_synthetic())

@@ -102,7 +102,10 @@ def test_zero_byte_and_truncated_jpeg_files(tmp_path, policy):
     if policy == "error":
         with pytest.raises(
             BadSampleError,
-            match=r"train sample '0000001#0': field 'image' \(file .*0000001\.jpeg\) could not be decoded \(UnidentifiedImageError",
+            match=(
+                r"train sample '0000001#0': field 'image' \(file .*0000001\.jpeg\) could not be decoded "
+                r"\(UnidentifiedImageError"
+            ),
         ):
             train_rows(dm)
         return
@@ -220,7 +223,10 @@ def test_empty_and_truncated_image_bytes_in_arrow_tables(tmp_path):
     (root / "new.arrow").replace(path)
     with pytest.raises(
         BadSampleError,
-        match=r"train sample 'row1': field 'image': arrow file .*hatememes_train\.arrow row 1 column 'image' does not exist",
+        match=(
+            r"train sample 'row1': field 'image': arrow file .*hatememes_train\.arrow row 1 column 'image' "
+            r"does not exist"
+        ),
     ):
         HatefulMemesDataModule(root=str(root), format="arrow", **TINY).setup("fit")
     dm = HatefulMemesDataModule(root=str(root), format="arrow", on_bad_sample="missing", **TINY)
@@ -259,7 +265,10 @@ def test_wrongly_typed_fields_are_named(tmp_path):
     movie.write_text(json.dumps({**data, "plot": ["a real plot", 123]}))
     with pytest.raises(
         BadSampleError,
-        match=r"train sample '0000001#1': field 'text' \(.*0000001\.json field 'plot'\[1\]\) is a int \('123'\); expected a string",
+        match=(
+            r"train sample '0000001#1': field 'text' \(.*0000001\.json field 'plot'\[1\]\) is a int "
+            r"\('123'\); expected a string"
+        ),
     ):
         MMIMDbDataModule(root=str(mmimdb), **TINY).setup("fit")
     movie.write_text(json.dumps({**data, "plot": {"text": "an object"}}))
@@ -390,8 +399,9 @@ def test_checkpoint_of_another_dataset_is_a_clear_mismatch(trained, tmp_path):
     with pytest.raises(
         RuntimeError,
         match=(
-            r"checkpoint does not match this UnipairSystem configuration: .*2 with other shapes .*'head\.net\.4\.weight': "
-            r"\(\(2, 16\), \(101, 16\)\).* Hyperparameters that differ \(checkpoint, current\): .*'num_classes': \(2, 101\)"
+            r"checkpoint does not match this UnipairSystem configuration: .*2 with other shapes "
+            r".*'head\.net\.4\.weight': \(\(2, 16\), \(101, 16\)\).* Hyperparameters that differ "
+            r"\(checkpoint, current\): .*'num_classes': \(2, 101\)"
         ),
     ):
         _cli(["test", *_args(tmp_path, "food101.yaml", food), "--ckpt_path", str(ckpt)])
@@ -401,7 +411,11 @@ def test_checkpoint_settings_replacing_the_config_are_reported(trained, tmp_path
     tmp, memes, ckpt = trained
     with pytest.warns(
         UserWarning,
-        match=r"--ckpt_path .*last\.ckpt: the model is built with the checkpoint's hyperparameters; .*replaced \(given -> checkpoint\): \{'prompt_length': \(3, 2\), 'missing_strategy': \('zero', 'predict'\)\}",
+        match=(
+            r"--ckpt_path .*last\.ckpt: the model is built with the checkpoint's hyperparameters; .*replaced "
+            r"\(given -> checkpoint\): \{'prompt_length': \(3, 2\), 'missing_strategy': \('zero', "
+            r"'predict'\)\}"
+        ),
     ):
         run = _cli(
             [
@@ -431,11 +445,13 @@ def test_checkpoint_settings_replacing_the_config_are_reported(trained, tmp_path
         ),
         (
             "junk",
-            r"cannot be read as a checkpoint \(UnpicklingError: Weights only load failed\)\. Is it a complete \.ckpt",
+            r"cannot be read as a checkpoint \(UnpicklingError: Weights only load failed\)\. Is it a "
+            r"complete \.ckpt",
         ),
         (
             "weights",
-            r"not a Lightning checkpoint \(expected the keys \['state_dict', 'pytorch-lightning_version'\], found \['state_dict'\]\)",
+            r"not a Lightning checkpoint \(expected the keys \['state_dict', 'pytorch-lightning_version'\], "
+            r"found \['state_dict'\]\)",
         ),
     ],
 )

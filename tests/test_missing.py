@@ -101,7 +101,8 @@ def test_golden_table_pins_the_algorithm():
 def test_table_is_independent_of_python_hash_seed():
     code = (
         "from datamodules.missing import sample_missing_table;"
-        "print(''.join(map(str, sample_missing_table([f'x{i}' for i in range(200)], 0.7, 'both', seed=5).tolist())))"
+        "print(''.join(map(str, sample_missing_table([f'x{i}' for i in range(200)], 0.7, 'both', "
+        "seed=5).tolist())))"
     )
     outs = {
         subprocess.run(

@@ -1,4 +1,6 @@
-"""Read-only attention by two fused-attention calls: equal to the masked reference, exact z, detached gradients."""
+"""Read-only attention by two fused-attention calls: equal to the masked reference, exact z, detached
+gradients.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ MODES = ["prompt", "bitfit", "lora", "full", "frozen"]
 
 
 def _masked_layer(adapter, x, num_readonly, key_valid=None, readonly_grad="through"):
-    """The reference: the library's own layer with one boolean mask (originals may not read read-only keys)."""
+    """The reference: the library's own layer with one boolean mask (originals may not read read-only
+    keys).
+    """
     total = x.shape[1]
     readonly = torch.zeros(total, dtype=torch.bool)
     readonly[total - num_readonly :] = True

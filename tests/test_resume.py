@@ -44,7 +44,9 @@ CONFIGS = REPO / "configs"
 
 
 class RecordValMetrics(Callback):
-    """Appends ``{"epoch", "step", "metrics"}`` (every ``val/*`` value) to a JSONL file after each validation."""
+    """Appends ``{"epoch", "step", "metrics"}`` (every ``val/*`` value) to a JSONL file after each
+    validation.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -202,7 +204,9 @@ class _RecordIds(Callback):
 
 
 class _SaveMidStepAndStop(Callback):
-    """What Lightning's SLURM SIGUSR1 handler does: save from inside a step (here: before backward), then the job dies."""
+    """What Lightning's SLURM SIGUSR1 handler does: save from inside a step (here: before backward), then
+    the job dies.
+    """
 
     def __init__(self, step: int, path: Path) -> None:
         self.step, self.path = step, path

@@ -141,7 +141,9 @@ def test_filler_embeddings_are_constant_in_eval_mode():
     "codes", [[TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING], [COMPLETE, TEXT_MISSING, IMAGE_MISSING]]
 )
 def test_every_trainable_parameter_gets_a_gradient_whatever_the_missing_pattern(strategy, codes):
-    """Mask, don't skip: with no (or one) complete sample every trainable parameter is still used (DDP-safe)."""
+    """Mask, don't skip: with no (or one) complete sample every trainable parameter is still used
+    (DDP-safe).
+    """
     model = tiny_system(missing_strategy=strategy, substitution=strategy == "predict")
     losses, _ = model.compute_losses(_batch(codes))
     assert all(torch.isfinite(v) for v in losses.values())

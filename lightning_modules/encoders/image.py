@@ -64,7 +64,8 @@ class ImageEncoder(PromptedEncoder):
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "fc_norm", "num_prefix_tokens"):
             if not hasattr(backbone, attr):
                 raise TypeError(
-                    f"image backbone {type(backbone).__name__} lacks '{attr}': expected a timm VisionTransformer"
+                    f"image backbone {type(backbone).__name__} lacks '{attr}': expected a timm "
+                    "VisionTransformer"
                 )
         if getattr(backbone, "attn_pool", None) is not None:
             raise ValueError(
@@ -77,7 +78,8 @@ class ImageEncoder(PromptedEncoder):
             pool_by_timm = {"token": "cls", "avg": "mean"}
             if backbone.global_pool not in pool_by_timm:
                 raise ValueError(
-                    f"image backbone has global_pool={backbone.global_pool!r}; set image_pooling to one of {IMAGE_POOLINGS}"
+                    f"image backbone has global_pool={backbone.global_pool!r}; set image_pooling to one of "
+                    f"{IMAGE_POOLINGS}"
                 )
             pooling = pool_by_timm[backbone.global_pool]
         if pooling not in IMAGE_POOLINGS:
@@ -112,7 +114,9 @@ class ImageEncoder(PromptedEncoder):
             VitBlockAttention(block)  # fails early on blocks the read-only attention cannot take apart
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
-        """Encode ``images`` ``[B, 3, H, W]`` into the embedding ``[B, D]`` and the read-only features ``[B, D]``."""
+        """Encode ``images`` ``[B, 3, H, W]`` into the embedding ``[B, D]`` and the read-only features
+        ``[B, D]``.
+        """
         bb = self.backbone
         x = bb.patch_embed(images)
         x = bb._pos_embed(x)

@@ -1,4 +1,5 @@
-"""Text encoder: a transformers BERT-family model run layer by layer with deep task prompts and read-only tokens.
+"""Text encoder: a transformers BERT-family model run layer by layer with deep task prompts and read-only
+tokens.
 
 The forward reproduces ``BertModel.forward`` (embeddings, then ``encoder.layer``) and lays tokens out as::
 
@@ -62,8 +63,8 @@ class TextEncoder(PromptedEncoder):
         super().__init__()
         if not hasattr(backbone, "embeddings") or not hasattr(getattr(backbone, "encoder", None), "layer"):
             raise TypeError(
-                f"text backbone {type(backbone).__name__} lacks 'embeddings'/'encoder.layer': expected a BERT-like "
-                "transformers model"
+                f"text backbone {type(backbone).__name__} lacks 'embeddings'/'encoder.layer': expected a "
+                "BERT-like transformers model"
             )
         check_peft_mode(peft_mode, "text_peft")
         if pooling not in TEXT_POOLINGS:
@@ -98,7 +99,9 @@ class TextEncoder(PromptedEncoder):
             BertLayerAttention(layer)  # fails early on layers the read-only attention cannot take apart
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
-        """Encode token ids ``[B, L]`` (with ``attention_mask`` ``[B, L]``, 1 = real token) into ``[B, D]`` twice."""
+        """Encode token ids ``[B, L]`` (with ``attention_mask`` ``[B, L]``, 1 = real token) into ``[B, D]``
+        twice.
+        """
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and attention_mask must both be [B, L], got {tuple(input_ids.shape)} and "
