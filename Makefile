@@ -49,8 +49,9 @@ test-slurm: install ## Install slurm-wlm if absent (apt-get), run tests/test_slu
 	[ $$status = 0 ] || exit $$status; \
 	UNIPAIR_REQUIRE_SLURM=1 $(PY) -m pytest -q tests/test_slurm.py $(PYTEST_ARGS)
 
-lint: install ## Lint with ruff.
+lint: install ## Lint (ruff check, line limit included) and check the formatting (ruff format --check).
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean: ## Remove run outputs and caches of tools (keeps .venv and the asset cache).
 	rm -rf runs lightning_logs .pytest_cache .ruff_cache build dist *.egg-info

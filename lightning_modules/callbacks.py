@@ -41,6 +41,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from datamodules.sampling import ResumableDataLoader
+from lightning_modules.numerics import distributed
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -80,14 +81,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
     python_state = state["python"]
     random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
-
-
-def _distributed() -> bool:
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
 
 
 def _last_checkpoint(trainer: Trainer) -> tuple[ModelCheckpoint, str] | None:
@@ -140,7 +133,7 @@ class ResumeState(Callback):
     def state_dict(self) -> dict[str, Any]:
         # Called on every process while a checkpoint is assembled (all of them save together).
         state = capture_rng_state()
-        if _distributed():
+        if distributed():
             states: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, state)
         else:
@@ -211,7 +204,7 @@ class ResumeState(Callback):
         if not self.save_on_sigterm:
             return
         stop = self.signalled
-        if _distributed():
+        if distributed():
             flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())
@@ -330,7 +323,7 @@ class EvaluationCoverage(Callback):
         except (TypeError, AttributeError, ValueError):
             return  # iterable datasets have no length to compare with
         ids = self._ids
-        if _distributed():
+        if distributed():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, ids)
             ids = [i for part in gathered for i in part]

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning modes applied to a backbone (which of its parameters train).
 
-Modes (DESIGN.md section 2.1):
+Modes:
 
 * ``prompt``: the backbone is frozen; the encoder wrapper adds deep task prompts (``prompts.py``).
 * ``bitfit``: only bias terms of the backbone train (all of them, LayerNorm biases included).

@@ -414,7 +414,7 @@ late fusion.
         moments: RunningMoments = getattr(self, name)
         if self.training:
             rows, keep = target.detach(), complete
-            if self._distributed():
+            if distributed():
                 rows, keep = all_gather_with_grad(rows), all_gather_with_grad(keep)
             moments.update(rows[keep])
         if int(moments.num_batches) == 0:
@@ -441,7 +441,7 @@ late fusion.
         losses["task_loss"] = task_loss
         loss = task_loss
         if self.has_predictor:
-            gather = all_gather_with_grad if self._distributed() else None
+            gather = all_gather_with_grad if distributed() else None
             options = {
                 "inv_coeff": hp.vicreg_inv_coeff,
                 "var_coeff": hp.vicreg_var_coeff,
@@ -466,9 +466,6 @@ late fusion.
             loss = loss + hp.pred_loss_weight * pred_loss
         losses["loss"] = loss
         return losses
-
-    def _distributed(self) -> bool:
-        return distributed()
 
     # --------------------------------------------------------------------------------- Lightning hooks
 
@@ -554,7 +551,7 @@ late fusion.
         }
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        self.epoch_metrics.log_epoch(stage, self.log, self.log_dict, self._distributed())
+        self.epoch_metrics.log_epoch(stage, self.log, self.log_dict, distributed())
         if stage not in CASE_STAGES or not self.has_predictor:
             return
         diagnostics = self.prediction_diagnostics[f"{stage}_metrics"]

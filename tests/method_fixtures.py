@@ -16,7 +16,7 @@ from lightning_modules import UnipairSystem
 
 IMG_SIZE = 32
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0  # MiniLM's tokenizer (tiny-bert shares it)
-# Missing-pattern codes of DESIGN.md section 3: 0 complete, 1 text missing, 2 image missing.
+# Missing-pattern codes: 0 complete, 1 text missing, 2 image missing.
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
 
 

@@ -319,7 +319,6 @@ def test_python_cli_py_and_console_script(tmp_path):
     assert result.returncode == 0 and "--trainer.max_epochs" in result.stdout
 
 
-@pytest.mark.slow
 def test_demo_driver_leaves_the_run_folders_the_figure_and_the_comparison(
     tmp_path, prepared_emoji_cache, capsys
 ):
