@@ -297,6 +297,8 @@ def model_config(run: Path) -> str:
 
 def oracle_rows(out: Path, runs: dict[str, Path], rates: list[float]) -> list[dict]:
     """The ceiling over the grid: complete samples by the baseline, the others by the unimodal models."""
+    from unittest.mock import patch
+
     import torch
 
     from cli import load_weights, make_cli
@@ -306,7 +308,8 @@ def oracle_rows(out: Path, runs: dict[str, Path], rates: list[float]) -> list[di
     logits, labels, complete, both_ratio = {}, None, None, 0.5
     for name in (BASELINE, "oracle_image", "oracle_text"):
         run = runs[name]
-        parsed = make_cli(["--config", model_config(run)], run=False)
+        with patch.object(sys, "argv", sys.argv[:1]):  # the driver's own options are not the model's
+            parsed = make_cli(["--config", model_config(run)], run=False)
         model = parsed.model
         if name == BASELINE:  # its test split and missing tables are the ones the sweeps used
             both_ratio = parsed.datamodule.missing["test"].both_ratio
