@@ -1,5 +1,4 @@
-"""Helpers shared by the benchmark scripts: run header, device choice, autocast, timing, text backbones by
-config.
+"""Helpers shared by the benchmark scripts: run header, device, autocast, timing, encoder presets.
 
 Kept free of side effects at import (no torch threads set, nothing created) so every script and the
 tests can import it.
@@ -61,8 +60,7 @@ PRESET_KEYS = (
 
 
 def encoder_preset(name: str) -> dict[str, Any]:
-    """The encoders and sizes of preset ``name`` (a key of ENCODER_PRESET_FILES), as ``UnipairSystem`` gets
-    them.
+    """The encoders and sizes of preset ``name`` (ENCODER_PRESET_FILES), as ``UnipairSystem`` takes them.
 
     Read from ``configs/model/encoders/<file>.yaml``, the files users compose, with what a file leaves
     out taken from ``UnipairSystem``'s defaults, so a benchmark trains what the configs train. The
