@@ -214,29 +214,27 @@ late fusion.
             text_model = sources.create_text_backbone(text_backbone, pretrained=pretrained)
         text_pooling = text_pooling or sources.default_text_pooling(text_backbone)
         image_layers, text_layers = len(image_model.blocks), len(text_model.encoder.layer)
-        self.image_encoder = ImageEncoder(
-            image_model,
-            peft_mode=image_peft,
+        shared = dict(
             prompt_length=prompt_length,
-            prompt_depth=min(prompt_depth, image_layers),
             predictor_length=predictor_length,
-            pooling=image_pooling,
             readonly_grad=readonly_grad,
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
         )
+        self.image_encoder = ImageEncoder(
+            image_model,
+            peft_mode=image_peft,
+            prompt_depth=min(prompt_depth, image_layers),
+            pooling=image_pooling,
+            **shared,
+        )
         self.text_encoder = TextEncoder(
             text_model,
             peft_mode=text_peft,
-            prompt_length=prompt_length,
             prompt_depth=min(prompt_depth, text_layers),
-            predictor_length=predictor_length,
             pooling=text_pooling,
-            readonly_grad=readonly_grad,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
+            **shared,
         )
         image_dim, text_dim = self.image_encoder.embed_dim, self.text_encoder.embed_dim
         self.has_predictor = predictor_length > 0
