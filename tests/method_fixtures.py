@@ -9,7 +9,7 @@ tokenised empty string).
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules import UnipairSystem
@@ -18,6 +18,21 @@ IMG_SIZE = 32
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0  # MiniLM's tokenizer (tiny-bert shares it)
 # Missing-pattern codes: 0 complete, 1 text missing, 2 image missing.
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
+
+
+def quiet_trainer(tmp_path, **overrides) -> Trainer:
+    """A one-device CPU Trainer that writes nothing but under ``tmp_path`` (no logger, bars, checkpoints)."""
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    return Trainer(**{**options, **overrides})
 
 
 def tiny_system(**overrides) -> UnipairSystem:

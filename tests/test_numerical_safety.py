@@ -17,7 +17,14 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 import lightning_modules.system as system_module
 from lightning_modules.losses import per_sample_task_loss, vicreg_loss
 from lightning_modules.system import CHECKPOINT_SKIPPED_KEY, NonFiniteLossError
-from tests.method_fixtures import COMPLETE, IMAGE_MISSING, TEXT_MISSING, SyntheticDataModule, tiny_system
+from tests.method_fixtures import (
+    COMPLETE,
+    IMAGE_MISSING,
+    TEXT_MISSING,
+    SyntheticDataModule,
+    quiet_trainer,
+    tiny_system,
+)
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
@@ -26,19 +33,7 @@ VICREG_TERMS = ("invariance", "variance", "covariance")
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    options.update(kwargs)
-    return Trainer(**options)
+    return quiet_trainer(tmp_path, **{"limit_val_batches": 0, **kwargs})
 
 
 def _data() -> SyntheticDataModule:

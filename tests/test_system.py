@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from lightning_modules import UnipairSystem
 from lightning_modules.fusion import MISSING_STRATEGIES
@@ -19,6 +19,7 @@ from tests.method_fixtures import (
     SyntheticDataModule,
     SyntheticPairs,
     collate,
+    quiet_trainer,
     tiny_system,
 )
 
@@ -31,21 +32,6 @@ def _batch(codes, seed=0, task="multiclass", num_classes=3):
         len(codes), num_classes=num_classes, task=task, missing_codes=list(codes), seed=seed
     )
     return collate([data[i] for i in range(len(codes))])
-
-
-def _trainer(tmp_path, **kwargs):
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return Trainer(**options)
 
 
 # --------------------------------------------------------------------------- missing strategies
@@ -207,7 +193,7 @@ def test_fit_lowers_the_loss_and_checkpoint_reloads_exactly(tmp_path):
     model = tiny_system()
     before = _mean_task_loss(model, data)
     model.train()
-    trainer = _trainer(tmp_path, max_epochs=4, log_every_n_steps=1, check_val_every_n_epoch=4)
+    trainer = quiet_trainer(tmp_path, max_epochs=4, log_every_n_steps=1, check_val_every_n_epoch=4)
     trainer.fit(model, datamodule=data)
     after = _mean_task_loss(model, data)
     assert after < 0.7 * before, (before, after)
@@ -238,8 +224,10 @@ def test_fit_lowers_the_loss_and_checkpoint_reloads_exactly(tmp_path):
         UnipairSystem.load_from_checkpoint(path, weights_only=True, image_peft="bitfit")
 
     # test --ckpt_path on a freshly built model reproduces the validation numbers.
-    validated = _trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]
-    tested = _trainer(tmp_path).validate(tiny_system(), datamodule=data, ckpt_path=path, verbose=False)[0]
+    validated = quiet_trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]
+    tested = quiet_trainer(tmp_path).validate(tiny_system(), datamodule=data, ckpt_path=path, verbose=False)[
+        0
+    ]
     assert validated == pytest.approx(tested)
 
 
@@ -254,7 +242,7 @@ def test_fit_lowers_the_loss_and_checkpoint_reloads_exactly(tmp_path):
 def test_validation_logs_task_metrics_overall_and_per_missing_case(tmp_path, task, num_classes, names):
     data = SyntheticDataModule(num_train=8, num_eval=12, batch_size=4, task=task, num_classes=num_classes)
     model = tiny_system(task=task, num_classes=num_classes)
-    results = _trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]
+    results = quiet_trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]
     for name in names:
         assert f"val/{name}" in results
         for case in ("complete", "text_missing", "image_missing"):
@@ -336,7 +324,7 @@ def test_readonly_grad_detach_keeps_the_prediction_loss_out_of_the_encoders():
 def test_case_without_samples_is_not_logged(tmp_path):
     data = SyntheticDataModule(num_train=8, num_eval=8, batch_size=4)
     data.val_set = SyntheticPairs(8, missing_codes=[COMPLETE, TEXT_MISSING], seed=1)
-    results = _trainer(tmp_path).validate(tiny_system(), datamodule=data, verbose=False)[0]
+    results = quiet_trainer(tmp_path).validate(tiny_system(), datamodule=data, verbose=False)[0]
     assert "val/text_missing/accuracy" in results
     assert not any(key.startswith("val/image_missing/") for key in results)
 
