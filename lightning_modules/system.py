@@ -1,11 +1,12 @@
 """UnipairSystem: the LightningModule of the method and its baselines.
 
-Per step: both encoders run on the whole batch (missing inputs arrive as fillers, see the batch
-format), each yields its modality embedding z and, from its read-only tokens, a prediction of the
-other modality's embedding (ẑ). The missing strategy picks e_m per sample, the fusion head classifies
-[e_v; e_t], and the loss is ``task + pred_loss_weight * (VICReg(ẑ_t, z_t) + VICReg(ẑ_v, z_v))`` with
-VICReg over the complete samples only. Everything runs on every step whatever the missing pattern
-(selection by masks), so DDP needs no unused-parameter search.
+Per step: each encoder runs on the samples that have its modality (missing inputs arrive as fillers,
+see the batch format; only ``dummy_input`` encodes them), each yields its modality embedding z and,
+from its read-only tokens, a prediction of the other modality's embedding (ẑ). The missing strategy
+picks e_m per sample, the fusion head classifies [e_v; e_t], and the loss is
+``task + pred_loss_weight * (VICReg(ẑ_t, z_t) + VICReg(ẑ_v, z_v))`` with VICReg over the complete
+samples only. Every part runs on every step whatever the missing pattern (selection by masks), so
+DDP needs no unused-parameter search.
 
 Separable evaluation contract (used by the robustness evaluation)::
 
@@ -64,6 +65,7 @@ from lightning_modules.numerics import (  # noqa: F401  (re-exported)
 from lightning_modules.optim import LR_SCHEDULES, configure_adamw, parameter_groups
 from lightning_modules.peft_modes import check_peft_mode, count_parameters
 from lightning_modules.predictor import PredictorHead
+from lightning_modules.prompts import EncoderOutput
 from lightning_modules.readonly_attention import ReadonlyGrad, check_readonly_grad
 from lightning_modules.stage_metrics import CASE_STAGES, EVAL_SAMPLE_COUNT, STAGES, StageMetrics  # noqa: F401
 from lightning_modules.strategies import check_predictor, get_strategy, untrained_stand_in_warning
@@ -311,17 +313,50 @@ late fusion.
         return image_present, text_present
 
     def encode(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-        """Run both encoders on the batch (the expensive part).
+        """Run each encoder on the samples that have its modality (the expensive part).
 
         Returns ``{"z_v": [B, Dv], "z_t": [B, Dt], "zhat_v": [B, Dv] | None, "zhat_t": [B, Dt] | None}``:
         the modality embeddings and the predictions of each from the *other* modality (ẑ_v from the
         text encoder's read-only tokens, ẑ_t from the image encoder's). None without a predictor.
+        Where a sample lacks a modality its z is 0 (the filler's encoding for ``dummy_input``) and the
+        ẑ predicted from it is meaningless; nothing reads either.
         """
-        image_out = self.image_encoder(batch["image"])
-        text_out = self.text_encoder(batch["input_ids"], batch["attention_mask"])
+        image_out = self._encode_present(self.image_encoder, batch["image_present"], batch["image"])
+        text_out = self._encode_present(
+            self.text_encoder, batch["text_present"], batch["input_ids"], batch["attention_mask"]
+        )
         zhat_t = self.image_to_text(image_out.readonly) if self.has_predictor else None
         zhat_v = self.text_to_image(text_out.readonly) if self.has_predictor else None
         return {"z_v": image_out.embedding, "z_t": text_out.embedding, "zhat_v": zhat_v, "zhat_t": zhat_t}
+
+    def _encode_present(
+        self, encoder: nn.Module, present: torch.Tensor, *inputs: torch.Tensor
+    ) -> EncoderOutput:
+        """``encoder(*inputs)`` on the rows where its modality is present; the other rows get zeros.
+
+        Nothing reads a missing modality's z or the ẑ its encoder would have predicted (the stand-in
+        replaces the one, the other modality is real), so those rows are not encoded, except for
+        ``dummy_input``, whose stand-in is the encoding of the filler. With no row present the encoder
+        runs on the first row and its output is multiplied by 0, so every parameter stays in the graph
+        (DDP-safe).
+        """
+        present = present.bool()
+        if self.missing_fill.spec.encodes_filler or bool(present.all()):
+            return encoder(*inputs)
+        rows = present.nonzero().flatten()
+        none_present = rows.numel() == 0
+        if none_present:
+            rows = rows.new_zeros(1)
+        out = encoder(*(x.index_select(0, rows) for x in inputs))
+
+        def scatter(values: torch.Tensor | None) -> torch.Tensor | None:
+            if values is None:
+                return None
+            if none_present:
+                values = values * 0.0
+            return values.new_zeros(present.shape[0], *values.shape[1:]).index_copy(0, rows, values)
+
+        return EncoderOutput(scatter(out.embedding), scatter(out.readonly))
 
     def fuse(
         self, emb: dict[str, torch.Tensor | None], image_present: torch.Tensor, text_present: torch.Tensor

@@ -123,8 +123,51 @@ def test_filler_embeddings_are_constant_in_eval_mode():
 
 
 @pytest.mark.parametrize("strategy", MISSING_STRATEGIES)
+def test_each_encoder_runs_on_the_samples_that_have_its_modality(strategy):
+    """A missing modality is not encoded (its z is 0), except for dummy_input, whose stand-in is the
+    filler's encoding; the present samples' embeddings are those of encoding the whole batch."""
+    model = tiny_system(missing_strategy=strategy).eval()
+    codes = [COMPLETE, TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING, COMPLETE]
+    batch = _batch(codes)
+    seen = {}
+
+    def count_rows(name):
+        def hook(module, args, out):
+            seen[name] = len(args[0])
+
+        return hook
+
+    hooks = [
+        model.image_encoder.register_forward_hook(count_rows("image")),
+        model.text_encoder.register_forward_hook(count_rows("text")),
+    ]
+    with torch.no_grad():
+        emb = model.encode(batch)
+        for hook in hooks:
+            hook.remove()
+        whole = {
+            "z_v": model.image_encoder(batch["image"]).embedding,
+            "z_t": model.text_encoder(batch["input_ids"], batch["attention_mask"]).embedding,
+        }
+    encodes_all = strategy == "dummy_input"
+    assert seen == ({"image": 5, "text": 5} if encodes_all else {"image": 4, "text": 3})
+    for name, present in (("z_v", batch["image_present"]), ("z_t", batch["text_present"])):
+        rows = present.bool()
+        torch.testing.assert_close(emb[name][rows], whole[name][rows], rtol=1e-5, atol=1e-6)
+        if encodes_all:
+            torch.testing.assert_close(emb[name][~rows], whole[name][~rows], rtol=1e-5, atol=1e-6)
+        else:
+            assert bool((emb[name][~rows] == 0).all())
+
+
+@pytest.mark.parametrize("strategy", MISSING_STRATEGIES)
 @pytest.mark.parametrize(
-    "codes", [[TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING], [COMPLETE, TEXT_MISSING, IMAGE_MISSING]]
+    "codes",
+    [
+        [TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING],
+        [COMPLETE, TEXT_MISSING, IMAGE_MISSING],
+        [IMAGE_MISSING, IMAGE_MISSING],  # no image at all: the image encoder still takes part
+    ],
 )
 def test_every_trainable_parameter_gets_a_gradient_whatever_the_missing_pattern(strategy, codes):
     """Mask, don't skip: with no (or one) complete sample every trainable parameter is still used
