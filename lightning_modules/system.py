@@ -117,7 +117,8 @@ late fusion.
         readonly_grad: ``through``: the read-only tokens read the original tokens' keys / values as
             they are, so the prediction loss also trains what computes the *source* encoder's own
             embedding (task prompts, biases, LoRA); ``detach``: they read detached keys / values (and
-            detached layer parameters), so the prediction loss trains the predictor only.
+            detached layer parameters), so the prediction loss trains the predictor only (the
+            default: ahead of ``through`` on validation in the ablation with prompts and BitFit).
         vicreg_space: ``raw``: the reference VICReg terms; ``target_matched``: both sides standardised
             with the target's running statistics, variance hinge at the target's own spread,
             covariance matched to the target's (``losses.vicreg_loss``).
@@ -167,7 +168,7 @@ late fusion.
         vicreg_var_coeff: float = 25.0,
         vicreg_cov_coeff: float = 1.0,
         stop_grad_target: bool = True,
-        readonly_grad: ReadonlyGrad = "through",
+        readonly_grad: ReadonlyGrad = "detach",
         vicreg_space: VicregSpace = "raw",
         substitution: bool = False,
         lr: float = 1e-3,

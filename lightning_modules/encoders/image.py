@@ -58,7 +58,7 @@ class ImageEncoder(PromptedEncoder):
         lora_rank: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
-        readonly_grad: ReadonlyGrad = "through",
+        readonly_grad: ReadonlyGrad = "detach",
     ) -> None:
         super().__init__()
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "fc_norm", "num_prefix_tokens"):

@@ -58,7 +58,7 @@ class TextEncoder(PromptedEncoder):
         lora_rank: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
-        readonly_grad: ReadonlyGrad = "through",
+        readonly_grad: ReadonlyGrad = "detach",
     ) -> None:
         super().__init__()
         if not hasattr(backbone, "embeddings") or not hasattr(getattr(backbone, "encoder", None), "layer"):
