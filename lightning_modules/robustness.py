@@ -315,12 +315,13 @@ def _metric_values(
 # -------------------------------------------------------------------------------------- evaluation
 
 
-def complete_copy(datamodule: Any) -> Any:
-    """A copy of ``datamodule`` (same class and arguments) whose test split is complete (eta = 0)."""
+def complete_copy(datamodule: Any, splits: Sequence[str] = ("test",)) -> Any:
+    """A copy of ``datamodule`` (same class and arguments) whose ``splits`` are complete (eta = 0)."""
     # hparams hold the __init__ arguments of the whole class chain; LightningCLI adds private
     # bookkeeping keys ("_class_path", "_instantiator") that are not arguments.
     arguments = {key: value for key, value in datamodule.hparams.items() if not key.startswith("_")}
-    arguments["test_missing"] = {"missing_rate": 0.0}
+    for split in splits:
+        arguments[f"{split}_missing"] = {"missing_rate": 0.0}
     return type(datamodule)(**arguments)
 
 

@@ -364,8 +364,8 @@ def test_demo_driver_leaves_the_run_folders_the_figure_and_the_comparison(
             assert (run_dir / "robustness" / file).is_file(), file
         rows = json.loads((run_dir / "robustness" / "robustness.json").read_text())["rows"]
         assert len({(r["missing_type"], r["missing_rate"]) for r in rows}) == 33
-    # The ceiling: at eta = 0 it is the baseline (complete samples), with every text missing it is the
-    # image-only model alone.
+    # The ceiling: with every text (image) missing it is the image-only (text-only) model alone; at
+    # eta = 0 it is the model chosen for complete samples, the best of the three on validation.
     oracle = {
         (r["missing_type"], r["missing_rate"]): r["value"]
         for r in result["results"]["oracle"]
@@ -376,9 +376,18 @@ def test_demo_driver_leaves_the_run_folders_the_figure_and_the_comparison(
         for r in result["results"]["zero_plain"]
         if r["metric"] == "accuracy"
     }
-    assert oracle[("both", 0.0)] == pytest.approx(baseline[("both", 0.0)])
+    ceiling = result["ceiling"]
+    assert set(ceiling["val_accuracy"]) == {"zero_plain", "oracle_image", "oracle_text"}
+    assert ceiling["complete_model"] == max(ceiling["val_accuracy"], key=ceiling["val_accuracy"].get)
+    alone = {
+        "zero_plain": baseline[("both", 0.0)],
+        "oracle_image": oracle[("text", 1.0)],
+        "oracle_text": oracle[("image", 1.0)],
+    }
+    assert oracle[("both", 0.0)] == pytest.approx(alone[ceiling["complete_model"]])
     assert len(oracle) == 33
     comparison = (out / "comparison.md").read_text()
+    assert f"Complete samples by `{ceiling['complete_model']}`" in comparison
     assert (
         "| missing type | missing rate | method | zero_plain | oracle | method − zero_plain |" in comparison
     )
