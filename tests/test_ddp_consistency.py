@@ -39,6 +39,7 @@ from tests.method_fixtures import (
     TEXT_MISSING,
     SyntheticDataModule,
     collate,
+    quiet_trainer,
     tiny_system,
 )
 
@@ -160,16 +161,7 @@ class _DuplicatingData(SyntheticDataModule):
 
 def test_evaluation_coverage_catches_duplicated_samples(tmp_path):
     seed_everything(0)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[EvaluationCoverage()],
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[EvaluationCoverage()])
     with pytest.raises(
         RuntimeError,
         match=(

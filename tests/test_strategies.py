@@ -48,11 +48,9 @@ def test_learned_vectors_under_complete_training_are_warned_about():
 def test_complete_training_warns_that_learned_vectors_stay_untrained(tmp_path, train_rate):
     import warnings
 
-    from lightning.pytorch import Trainer
-
     from datamodules import HatefulMemesDataModule
     from tests.fixtures_data import make_hateful_memes
-    from tests.method_fixtures import tiny_system
+    from tests.method_fixtures import quiet_trainer, tiny_system
 
     data = HatefulMemesDataModule(
         root=str(make_hateful_memes(tmp_path)),
@@ -66,16 +64,7 @@ def test_complete_training_warns_that_learned_vectors_stay_untrained(tmp_path, t
     )
     model = tiny_system(task="binary", num_classes=2, missing_strategy="learned", predictor_length=0)
     before = model.missing_fill.missing_image.detach().clone()
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, datamodule=data)
