@@ -1,10 +1,14 @@
 """Metric bookkeeping of ``UnipairSystem``: task metrics per stage and per missing case, eval loss means.
 
 :class:`StageMetrics` holds, for each stage (``train``, ``val``, ``test``), the task's torchmetrics
-collection and, on val and test, one more per missing case (``complete``, ``text_missing``,
-``image_missing``) with the case's sample count, and the loss terms as sample-weighted sums with a
-sample count. :meth:`StageMetrics.update` takes one batch, :meth:`StageMetrics.log_epoch` logs the
-epoch values through the LightningModule's ``log`` / ``log_dict`` and resets.
+collection with its sample count and, on val and test, one more per missing case (``complete``,
+``text_missing``, ``image_missing``) with the case's sample count, and the loss terms as
+sample-weighted sums. :meth:`StageMetrics.update` takes one batch, :meth:`StageMetrics.log_epoch`
+logs the epoch values through the LightningModule's ``log`` / ``log_dict`` and resets.
+
+Whether there is anything to log is decided on the synced sample count, the same on every rank: a
+stage can end with no batch on any rank (a resumed epoch whose batches were all run before the
+checkpoint), and its metrics are then not computed, since list states cannot be computed empty.
 
 The per-case collections are updated with the whole batch, the targets of other cases set to
 ``IGNORE_INDEX`` (no empty updates, well-typed states on every rank). The val/test loss means are
@@ -36,7 +40,6 @@ from lightning_modules.metrics import (
 
 STAGES: tuple[str, ...] = ("train", "val", "test")
 CASE_STAGES: tuple[str, ...] = ("val", "test")  # stages with the per-missing-case breakdown
-EVAL_SAMPLE_COUNT = "num_samples"  # key of the evaluated-sample counter next to the loss sums
 
 
 def _key(stage: str) -> str:
@@ -70,6 +73,7 @@ class StageMetrics(nn.Module):
                 for stage in CASE_STAGES
             }
         )
+        self.stage_counts = nn.ModuleDict({_key(stage): SumMetric() for stage in STAGES})
         self.case_counts = nn.ModuleDict(
             {
                 _key(stage): nn.ModuleDict({case: SumMetric() for case in MISSING_CASES})
@@ -78,9 +82,7 @@ class StageMetrics(nn.Module):
         )
         self.eval_loss_sums = nn.ModuleDict(
             {
-                _key(stage): nn.ModuleDict(
-                    {name: SumMetric(nan_strategy="disable") for name in [*loss_names, EVAL_SAMPLE_COUNT]}
-                )
+                _key(stage): nn.ModuleDict({name: SumMetric(nan_strategy="disable") for name in loss_names})
                 for stage in CASE_STAGES
             }
         )
@@ -92,13 +94,15 @@ class StageMetrics(nn.Module):
         batch: dict[str, Any],
         losses: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Add one batch: its logits, labels and presence masks, and (val/test) its loss terms."""
-        if stage in CASE_STAGES and losses is not None:
-            batch_size = logits.shape[0]
+        """Add one batch: its logits, labels and presence masks, and (val/test, required) its loss terms."""
+        batch_size = logits.shape[0]
+        self.stage_counts[_key(stage)].update(float(batch_size))
+        if stage in CASE_STAGES:
+            if losses is None:
+                raise ValueError(f"StageMetrics.update: stage {stage!r} needs the batch's loss terms")
             sums = self.eval_loss_sums[_key(stage)]
             for name, value in losses.items():
                 sums[name].update(value.detach().float() * batch_size)
-            sums[EVAL_SAMPLE_COUNT].update(float(batch_size))
         preds, target = metric_inputs(logits, batch["label"], self.task)
         self.stage_metrics[_key(stage)].update(preds, target)
         if stage in CASE_STAGES:
@@ -106,48 +110,38 @@ class StageMetrics(nn.Module):
                 self.case_counts[_key(stage)][case].update(mask.sum().float())
                 self.case_metrics[_key(stage)][case].update(preds, ignore_outside(target, mask))
 
-    def log_epoch(
-        self,
-        stage: str,
-        log: Callable[..., Any],
-        log_dict: Callable[..., Any],
-        distributed: bool = False,
-    ) -> None:
+    def log_epoch(self, stage: str, log: Callable[..., Any], log_dict: Callable[..., Any]) -> None:
         """Log the epoch's values with ``log`` / ``log_dict`` (a LightningModule's) and reset.
 
         Values are synced by torchmetrics; ``sync_dist=True`` then averages identical values (and keeps
-        Lightning from warning about unsynced epoch-level logs). Under DDP every rank computes (a
-        collective), even one that saw no batch of the stage.
+        Lightning from warning about unsynced epoch-level logs). Under DDP every rank computes every
+        count (a collective), even one that saw no batch of the stage, and then takes the same branch.
         """
-        collection = self.stage_metrics[_key(stage)]
         with warnings.catch_warnings():
             # A rank may see no batch of a stage (tiny sets under DDP); the synced value is still right.
             warnings.filterwarnings("ignore", message=".*compute.*before the.*update.*")
-            if any(metric._update_count for metric in collection.values()) or distributed:
+            count = _compute_and_reset(self.stage_counts[_key(stage)])
+            collection = self.stage_metrics[_key(stage)]
+            if count > 0:
                 log_dict(collection.compute(), sync_dist=True)
             collection.reset()
             if stage not in CASE_STAGES:
                 return
-            sums = self.eval_loss_sums[_key(stage)]
-            if sums[EVAL_SAMPLE_COUNT]._update_count or distributed:
-                count = sums[EVAL_SAMPLE_COUNT].compute()
-                for name, total in sums.items():
-                    if name != EVAL_SAMPLE_COUNT:
-                        log(
-                            f"{stage}/{name}",
-                            total.compute() / count,
-                            prog_bar=name == "loss",
-                            sync_dist=True,
-                        )
-            for total in sums.values():
+            for name, total in self.eval_loss_sums[_key(stage)].items():
+                if count > 0:
+                    log(f"{stage}/{name}", total.compute() / count, prog_bar=name == "loss", sync_dist=True)
                 total.reset()
             for case in MISSING_CASES:
-                counter = self.case_counts[_key(stage)][case]
+                case_count = _compute_and_reset(self.case_counts[_key(stage)][case])
                 metrics = self.case_metrics[_key(stage)][case]
-                count = counter.compute()  # synced over ranks: the same decision on every rank
-                counter.reset()
-                if count > 0:
+                if case_count > 0:
                     values = metrics.compute()
-                    values[f"{stage}/{case}/num_samples"] = count.float()
+                    values[f"{stage}/{case}/num_samples"] = case_count.float()
                     log_dict(values, sync_dist=True)
                 metrics.reset()
+
+
+def _compute_and_reset(counter: SumMetric) -> torch.Tensor:
+    count = counter.compute()
+    counter.reset()
+    return count

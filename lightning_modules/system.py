@@ -67,7 +67,7 @@ from lightning_modules.peft_modes import check_peft_mode, count_parameters
 from lightning_modules.predictor import PredictorHead
 from lightning_modules.prompts import EncoderOutput
 from lightning_modules.readonly_attention import ReadonlyGrad, check_readonly_grad
-from lightning_modules.stage_metrics import CASE_STAGES, EVAL_SAMPLE_COUNT, STAGES, StageMetrics  # noqa: F401
+from lightning_modules.stage_metrics import CASE_STAGES, STAGES, StageMetrics  # noqa: F401
 from lightning_modules.strategies import check_predictor, get_strategy, untrained_stand_in_warning
 
 CHECKPOINT_SKIPPED_KEY = "unipair_nonfinite_skipped_batches"
@@ -585,7 +585,7 @@ late fusion.
         }
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        self.epoch_metrics.log_epoch(stage, self.log, self.log_dict, distributed())
+        self.epoch_metrics.log_epoch(stage, self.log, self.log_dict)
         if stage not in CASE_STAGES or not self.has_predictor:
             return
         diagnostics = self.prediction_diagnostics[f"{stage}_metrics"]

@@ -1,5 +1,5 @@
-"""DDP on 2 CPU processes (gloo): global-batch gathering with gradient, and a short fit with missing
-modalities.
+"""DDP on 2 CPU processes (gloo): global-batch gathering with gradient, a short fit with missing
+modalities, and a resume from the checkpoint written at the end of an epoch's validation.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_modules.losses import all_gather_with_grad, vicreg_loss
@@ -22,6 +23,7 @@ from tests.method_fixtures import (
     TEXT_MISSING,
     SyntheticDataModule,
     collate,
+    quiet_trainer,
     tiny_system,
 )
 
@@ -96,10 +98,9 @@ class _RecordSteps(Callback):
         )
 
 
-def test_ddp_fit_with_missing_modalities_uses_every_parameter(tmp_path):
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    seed_everything(0)
-    data = _UnshuffledData(
+def _unshuffled_binary_data() -> _UnshuffledData:
+    """32 training samples: 4 steps per epoch on each of the 2 ranks at batch size 4."""
+    return _UnshuffledData(
         num_train=32,
         num_eval=16,
         batch_size=4,
@@ -107,23 +108,21 @@ def test_ddp_fit_with_missing_modalities_uses_every_parameter(tmp_path):
         num_classes=2,
         train_missing=[COMPLETE, TEXT_MISSING, COMPLETE, IMAGE_MISSING],
     )
+
+
+def _ddp_trainer(tmp_path, **overrides):
+    return quiet_trainer(tmp_path, devices=WORLD_SIZE, strategy="ddp_spawn", **overrides)
+
+
+def test_ddp_fit_with_missing_modalities_uses_every_parameter(tmp_path):
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    seed_everything(0)
     model = tiny_system(task="binary", num_classes=2, substitution=True)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=WORLD_SIZE,
-        strategy="ddp_spawn",
-        max_steps=4,
-        limit_val_batches=2,
-        val_check_interval=4,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[_RecordSteps(tmp_path)],
+    trainer = _ddp_trainer(
+        tmp_path, max_steps=4, limit_val_batches=2, val_check_interval=4, callbacks=[_RecordSteps(tmp_path)]
     )
-    trainer.fit(model, datamodule=data)  # DDP without find_unused_parameters: an unused parameter raises
+    # DDP without find_unused_parameters: an unused parameter raises.
+    trainer.fit(model, datamodule=_unshuffled_binary_data())
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD_SIZE)] == ["4 2", "4 2"]
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"])
@@ -131,3 +130,24 @@ def test_ddp_fit_with_missing_modalities_uses_every_parameter(tmp_path):
     # 16 val samples over 2 ranks (rank 0 all complete, rank 1 none): counts summed once each.
     assert metrics["val/complete/num_samples"] == 8
     assert metrics["val/text_missing/num_samples"] == 4 and metrics["val/image_missing/num_samples"] == 4
+
+
+def test_ddp_resume_from_the_checkpoint_written_at_the_end_of_validation(tmp_path):
+    # ModelCheckpoint writes it after the epoch's validation, before the epoch's end hooks: the resumed
+    # run trains exactly one more epoch and logs its metrics on both ranks.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}")
+    first = _ddp_trainer(
+        tmp_path, max_epochs=1, limit_val_batches=2, enable_checkpointing=True, callbacks=[checkpoints]
+    )
+    first.fit(tiny_system(task="binary", num_classes=2), datamodule=_unshuffled_binary_data())
+    (written,) = (tmp_path / "ckpt").iterdir()
+    assert written.name == "step=4.ckpt"
+    second = _ddp_trainer(tmp_path, max_epochs=2, limit_val_batches=2, callbacks=[_RecordSteps(tmp_path)])
+    second.fit(
+        tiny_system(task="binary", num_classes=2), datamodule=_unshuffled_binary_data(), ckpt_path=written
+    )
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD_SIZE)] == ["8 2", "8 2"]
+    assert torch.isfinite(second.callback_metrics["train/accuracy"])
+    assert "val/accuracy" in second.callback_metrics

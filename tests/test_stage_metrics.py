@@ -85,3 +85,15 @@ def test_multilabel_threshold_is_used():
         metrics.update("train", logits, batch)
     assert _logged(low, "train")["train/f1_micro"] == 1.0
     assert _logged(half, "train")["train/f1_micro"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_a_stage_without_batches_logs_nothing(stage):
+    # A resumed epoch whose batches all ran before the checkpoint ends with empty states: the list
+    # states of the calibration error cannot be computed then.
+    assert _logged(StageMetrics("multiclass", 3, loss_names=["loss"]), stage) == {}
+
+
+def test_eval_stages_need_the_loss_terms():
+    with pytest.raises(ValueError, match="'val' needs the batch's loss terms"):
+        StageMetrics("multiclass", 3).update("val", _logits([0]), _batch([0], [True], [True]))
