@@ -42,7 +42,7 @@ class EveryRowSystem(UnipairSystem):
 
 def build(cls: type[UnipairSystem], args: argparse.Namespace, strategy: str) -> UnipairSystem:
     torch.manual_seed(0)
-    preset = benchutil.encoder_preset("demo")
+    preset = benchutil.encoder_preset(args.encoders)
     extra = {"predictor_length": 0} if strategy == "zero" else {"readonly_grad": args.readonly_grad}
     with benchutil.quiet_warnings():
         return cls(
@@ -89,6 +89,7 @@ def same_losses(present: UnipairSystem, every: UnipairSystem, batch: dict[str, A
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoders", default="demo", choices=sorted(benchutil.ENCODER_PRESET_FILES))
     parser.add_argument("--peft", default="bitfit", help="PEFT mode of both encoders (the demo's: bitfit)")
     parser.add_argument("--readonly-grad", default="detach", choices=["through", "detach"])
     parser.add_argument("--strategies", nargs="+", default=["predict", "zero"], choices=["predict", "zero"])
@@ -149,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
         f"Command: `{document['command']}` at {document['git_commit']}; {document['machine']['cpu']}, "
         f"{args.threads} torch thread(s), load average at the end {document['machine'].get('load_average')}.",
-        f"Demo encoders, PEFT {args.peft}, batch {args.batch_size}, {args.image_size} px, {args.text_len} "
-        f"tokens; median of {args.rounds} interleaved training steps after one warm-up.",
+        f"Encoders {args.encoders}, PEFT {args.peft}, batch {args.batch_size}, {args.image_size} px, "
+        f"{args.text_len} tokens; median of {args.rounds} interleaved training steps after one warm-up.",
         "",
         "| strategy | pattern | present: step s (CPU s) | every: step s (CPU s) | ratio wall | ratio CPU | "
         "loss difference (eval) |",

@@ -82,24 +82,51 @@ def split_attention(
         ``[B, H, T, d]``: the original rows attended to the original keys only, the read-only rows
         to every key.
     """
-    n = q.shape[2] - num_readonly
-
-    def mask(length: int) -> torch.Tensor | None:
-        return None if key_valid is None else key_valid[:, None, None, :length]
-
     if num_readonly == 0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask(n), dropout_p=dropout_p)
-    k_orig, v_orig = k[:, :, :n], v[:, :, :n]
-    original = F.scaled_dot_product_attention(
-        q[:, :, :n], k_orig, v_orig, attn_mask=mask(n), dropout_p=dropout_p
-    )
-    if detach_original:
-        k = torch.cat([k_orig.detach(), k[:, :, n:]], dim=2)
-        v = torch.cat([v_orig.detach(), v[:, :, n:]], dim=2)
-    readonly = F.scaled_dot_product_attention(
-        q[:, :, n:], k, v, attn_mask=mask(n + num_readonly), dropout_p=dropout_p
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    n = q.shape[2] - num_readonly
+    original, readonly = pair_attention(
+        *(t[:, :, :n] for t in (q, k, v)),
+        *(t[:, :, n:] for t in (q, k, v)),
+        key_valid,
+        dropout_p,
+        detach_original,
     )
     return torch.cat([original, readonly], dim=2)
+
+
+def pair_attention(
+    q_orig: torch.Tensor,
+    k_orig: torch.Tensor,
+    v_orig: torch.Tensor,
+    q_ro: torch.Tensor,
+    k_ro: torch.Tensor,
+    v_ro: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    detach_original: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_attention` on the original (``n``) and read-only (``R``) heads held apart.
+
+    Returns the original rows ``[B, H, n, d]`` and the read-only rows ``[B, H, R, d]``.
+    """
+    n = q_orig.shape[2]
+    mask_orig = None if key_valid is None else key_valid[:, None, None, :n]
+    mask_all = None if key_valid is None else key_valid[:, None, None, :]
+    original = F.scaled_dot_product_attention(
+        q_orig, k_orig, v_orig, attn_mask=mask_orig, dropout_p=dropout_p
+    )
+    if detach_original:
+        k_orig, v_orig = k_orig.detach(), v_orig.detach()
+    readonly = F.scaled_dot_product_attention(
+        q_ro,
+        torch.cat([k_orig, k_ro], dim=2),
+        torch.cat([v_orig, v_ro], dim=2),
+        attn_mask=mask_all,
+        dropout_p=dropout_p,
+    )
+    return original, readonly
 
 
 class LayerAttention:
@@ -213,30 +240,31 @@ def run_layer(
     """One layer over ``x`` ``[B, T, C]`` whose last ``num_readonly`` tokens are read-only.
 
     Per-token parts run once over the whole sequence, except under ``detach`` in a layer with
-    trainable parameters, where the read-only rows run them with detached parameters.
+    trainable parameters, where the original and read-only rows run the whole layer apart (split
+    once, joined once: slicing the rows at every step costs more than the layer's matmuls on CPU),
+    the read-only rows with detached parameters.
     """
     detach = readonly_grad == "detach" and num_readonly > 0
     dropout_p = adapter.dropout_p() if adapter.layer.training else 0.0
-    separate = detach and torch.is_grad_enabled() and _has_trainable(adapter.layer)
-    n = x.shape[1] - num_readonly
-
-    def per_token(fn, *inputs: torch.Tensor) -> torch.Tensor:
-        # fn(*inputs, detached) on the whole sequence, or original / read-only rows apart.
-        if not separate:
-            return fn(*inputs, False)
-        original = fn(*(t[:, :n] for t in inputs), False)
-        readonly = fn(*(t[:, n:] for t in inputs), True)
-        return torch.cat([original, readonly], dim=1)
-
-    h = per_token(adapter.pre_attention, x)
-    if separate:
-        q_o, k_o, v_o = adapter.project(h[:, :n], False)
-        q_r, k_r, v_r = adapter.project(h[:, n:], True)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((q_o, q_r), (k_o, k_r), (v_o, v_r)))
-    else:
-        q, k, v = adapter.project(h, False)
+    if detach and torch.is_grad_enabled() and _has_trainable(adapter.layer):
+        n = x.shape[1] - num_readonly
+        x_orig, x_ro = x[:, :n], x[:, n:]
+        q_o, k_o, v_o = adapter.project(adapter.pre_attention(x_orig, False), False)
+        q_r, k_r, v_r = adapter.project(adapter.pre_attention(x_ro, True), True)
+        context_orig, context_ro = pair_attention(
+            q_o, k_o, v_o, q_r, k_r, v_r, key_valid, dropout_p, detach_original=True
+        )
+        x_orig = adapter.feed_forward(
+            adapter.post_attention(_merge_heads(context_orig), x_orig, False), False
+        )
+        x_ro = adapter.feed_forward(adapter.post_attention(_merge_heads(context_ro), x_ro, True), True)
+        return torch.cat([x_orig, x_ro], dim=1)
+    q, k, v = adapter.project(adapter.pre_attention(x, False), False)
     context = split_attention(q, k, v, num_readonly, key_valid, dropout_p, detach_original=detach)
+    x = adapter.post_attention(_merge_heads(context), x, False)
+    return adapter.feed_forward(x, False)
+
+
+def _merge_heads(context: torch.Tensor) -> torch.Tensor:
     batch, heads, length, head_dim = context.shape
-    context = context.transpose(1, 2).reshape(batch, length, heads * head_dim)
-    x = per_token(adapter.post_attention, context, x)
-    return per_token(adapter.feed_forward, x)
+    return context.transpose(1, 2).reshape(batch, length, heads * head_dim)

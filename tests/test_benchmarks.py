@@ -753,3 +753,35 @@ def test_stored_cells_are_reused_only_for_the_same_training():
     assert ablation.same_training({**cell, "options": {"readonly_grad": "detach"}}, cell)
     assert not ablation.same_training({**cell, "options": {}}, cell)
     assert not ablation.same_training({**cell, "strategy": "zero"}, cell)
+
+
+# ----------------------------------------------------------------------- encode_present, readonly_grad
+
+
+def test_readonly_grad_benchmark_times_both_settings_with_equal_losses(tmp_path):
+    from benchmarks import readonly_grad
+
+    out = tmp_path / "readonly_grad"
+    document = readonly_grad.main(
+        ["--encoders", "tiny", "--image-size", "32", "--batch-size", "4", "--text-len", "8", "--rounds", "1"]
+        + ["--pefts", "bitfit", "prompt", "--out", str(out)]
+    )
+    assert [row["peft"] for row in document["rows"]] == ["bitfit", "prompt"]
+    for row in document["rows"]:
+        assert set(row["steps"]) == {"through", "detach"} and all(len(t) == 1 for t in row["steps"].values())
+        assert row["max_loss_difference_eval"] < 1e-5  # detach changes gradients only
+        assert row["ratio_wall"] > 0
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["peft"] == "bitfit"
+    assert "| bitfit |" in out.with_suffix(".md").read_text()
+
+
+def test_encode_present_benchmark_runs_on_tiny_encoders(tmp_path):
+    from benchmarks import encode_present
+
+    out = tmp_path / "encode_present"
+    document = encode_present.main(
+        ["--encoders", "tiny", "--image-size", "32", "--batch-size", "4", "--text-len", "8", "--rounds", "1"]
+        + ["--strategies", "predict", "--out", str(out)]
+    )
+    assert [row["pattern"] for row in document["rows"]] == ["demo", "text_only"]
+    assert all(row["max_loss_difference_eval"] < 1e-5 for row in document["rows"])
