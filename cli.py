@@ -178,6 +178,20 @@ def load_weights(model: UnipairSystem, ckpt_path: str | os.PathLike, weights_onl
     return checkpoint
 
 
+def check_checkpoint_classes(ckpt_path: str | os.PathLike | None, datamodule: Any) -> None:
+    """Fail when the checkpoint was trained with other classes than ``datamodule`` gives.
+
+    The predictions are written with the DataModule's class names; with ``--predict_file`` Lightning
+    never sees the DataModule, so its ``load_state_dict`` check of the checkpoint is made here.
+    """
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if state is not None:
+        datamodule.load_state_dict(state)
+
+
 class UnipairTrainer(Trainer):
     """Lightning's ``Trainer`` plus JSONL prediction and the robustness evaluation (CLI subcommands)."""
 
@@ -229,6 +243,7 @@ class UnipairTrainer(Trainer):
             )
         if predict_file is not None:
             output = prediction_output_path(predict_file, output_file)
+            check_checkpoint_classes(ckpt_path, datamodule)
             loader = prediction_dataloader(Path(predict_file), datamodule)
             line_of = loader.dataset.line_of
         else:  # the DataModule's predict split (its test split, with its test missing setting)

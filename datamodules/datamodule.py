@@ -139,6 +139,8 @@ class MissingModalityDataModule(L.LightningDataModule):
     task: str = "multiclass"
     num_classes: int = 0
     label_names: list[str] = []
+    # Appended to the error of a checkpoint trained with other classes: how a reader's user fixes it.
+    classes_mismatch_hint: str = ""
 
     def __init__(
         self,
@@ -633,6 +635,22 @@ class MissingModalityDataModule(L.LightningDataModule):
         if "test" not in self.datasets:
             self.setup("predict")
         return self._loader("test", shuffle=False)
+
+    # ------------------------------------------------------------------------- checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records of the data: the task and the class names, in logit order."""
+        return {"classes": list(self.label_names), "task": self.task}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint restores only into the same task and class names: the logits' meaning."""
+        saved = {"classes": list(state_dict.get("classes", [])), "task": state_dict.get("task")}
+        if saved != self.state_dict():
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint was trained with task {saved['task']!r} and classes "
+                f"{saved['classes'][:20]}, but this data gives task {self.task!r} and classes "
+                f"{self.label_names[:20]}.{self.classes_mismatch_hint}"
+            )
 
     # --------------------------------------------------------------------------------- reporting
 

@@ -287,6 +287,8 @@ class ManifestDataModule(MissingModalityDataModule):
             unless ``missing_table_dir`` says otherwise.
     """
 
+    classes_mismatch_hint = " Pass the checkpoint's list as data.init_args.classes (and task)."
+
     def __init__(
         self,
         train_file: str | None = None,
@@ -754,16 +756,3 @@ class ManifestDataModule(MissingModalityDataModule):
         dataset = super()._build_dataset(split, records, image_reader)
         self._parsed.pop(split, None)  # the dataset holds what is needed now
         return dataset
-
-    def state_dict(self) -> dict:
-        return {"classes": list(self.label_names), "task": self.task}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """A checkpoint of this DataModule restores only into the same class list and task."""
-        saved = {"classes": list(state_dict.get("classes", [])), "task": state_dict.get("task")}
-        if saved != self.state_dict():
-            raise ValueError(
-                f"ManifestDataModule: the checkpoint was trained with task {saved['task']!r} and classes "
-                f"{saved['classes'][:20]}, but these manifests give task {self.task!r} and classes "
-                f"{self.label_names[:20]}. Pass the checkpoint's list as data.init_args.classes (and task)."
-            )

@@ -490,3 +490,12 @@ def test_fit_test_predict_through_the_cli(tmp_path, capsys):
     assert [r["id"] for r in records] == ["q", "t"]
     assert all(set(r["scores"]) == set(CLASSES) and r["labels"][0] in CLASSES for r in records)
     assert "wrote 2 predictions" in capsys.readouterr().out
+
+    # The same count of classes in another order: the names written would be wrong, so it is refused.
+    reordered = [*common, "--data.init_args.classes", json.dumps(list(reversed(CLASSES)))]
+    with patch.object(sys, "argv", ["unipair"]), pytest.raises(SystemExit) as exit_info:
+        cli.cli_main(["predict", *reordered, "--ckpt_path", ckpt, "--predict_file", str(rows)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"trained with task 'multiclass' and classes {list(CLASSES)}" in error
+    assert "data.init_args.classes" in error and not (tmp_path / "rows.predictions.jsonl").exists()
