@@ -534,6 +534,29 @@ def test_ablation_rows_baselines_oracle_paired_differences_and_resume(tmp_path):
     assert again["rows"] == rows
 
 
+def test_gap_closed_compares_a_variant_with_the_baseline_and_oracle_of_its_own_seeds():
+    values = {"zero_plain": {0: 0.5, 1: 0.7}, "oracle": {0: 0.9, 1: 0.9}, "detach": {0: 0.7}}
+    rows = [
+        {
+            "setting": "complete",
+            "variant": variant,
+            "test_type": test_type,
+            "rate": rate,
+            "split": split,
+            "metric": "accuracy",
+            "seed": seed,
+            "value": value,
+        }
+        for variant, by_seed in values.items()
+        for seed, value in by_seed.items()
+        for test_type, rate in ablation.ETA_TESTS
+        for split in ("val", "test")
+    ]
+    (gap,) = [g for g in ablation.gap_closed(rows) if g["test_type"] == "both"]
+    # Seed 0 only: (0.7 - 0.5) / (0.9 - 0.5); the means over all seeds would give (0.7 - 0.6) / 0.3.
+    assert gap["seeds"] == [0] and gap["gap_closed"] == pytest.approx(0.5)
+
+
 def test_oracle_combines_the_unimodal_models_per_missing_case():
     labels = [0, 1, 2]
     # The fused model is right only on sample 0, the image-only one only on 1, the text-only one only on 2.
