@@ -6,9 +6,9 @@ collection with its sample count and, on val and test, one more per missing case
 sample-weighted sums. :meth:`StageMetrics.update` takes one batch, :meth:`StageMetrics.log_epoch`
 logs the epoch values through the LightningModule's ``log`` / ``log_dict`` and resets.
 
-Whether there is anything to log is decided on the synced sample count, the same on every rank: a
-stage can end with no batch on any rank (a resumed epoch whose batches were all run before the
-checkpoint), and its metrics are then not computed, since list states cannot be computed empty.
+Whether there is anything to log is decided on the synced sample count, the same on every rank, so
+no rank computes a collection that no rank updated (list states, e.g. the calibration error's,
+cannot be computed empty).
 
 The per-case collections are updated with the whole batch, the targets of other cases set to
 ``IGNORE_INDEX`` (no empty updates, well-typed states on every rank). The val/test loss means are

@@ -89,8 +89,7 @@ def test_multilabel_threshold_is_used():
 
 @pytest.mark.parametrize("stage", ["train", "val"])
 def test_a_stage_without_batches_logs_nothing(stage):
-    # A resumed epoch whose batches all ran before the checkpoint ends with empty states: the list
-    # states of the calibration error cannot be computed then.
+    # The calibration error's list states cannot be computed empty.
     assert _logged(StageMetrics("multiclass", 3, loss_names=["loss"]), stage) == {}
 
 
