@@ -862,43 +862,48 @@ def decide_defaults(rows: list[dict]) -> dict[str, Any]:
     Candidates: every method variant of the run (``lambda_0`` included: if the task-trained
     predictor wins, the VICReg term does not pay), with their switch values spelled out. Score =
     mean over both training settings and the three eta = 70 % test types (text, image, both) of the
-    seed-mean val accuracy; the test score (same average) is reported next to it, not used. Only
-    configurations with every (setting, test type) take part. Deciding on the best configuration,
-    not switch by switch, respects interactions and only ever picks a setting that was trained.
+    seed-mean val accuracy, over the seeds every candidate has (paired: a candidate run on more
+    seeds is not compared on other seeds); the test score (same average) is reported next to it,
+    not used. Only configurations with every (setting, test type) take part. Deciding on the best
+    configuration, not switch by switch, respects interactions and only ever picks a setting that
+    was trained.
     """
-    tables = {split: summary_table(rows, split) for split in ("val", "test")}
+    tables = {split: _per_seed(rows, split) for split in ("val", "test")}
+    keys = [(setting, test_type, rate) for setting in SETTINGS for test_type, rate in ETA_TESTS]
 
-    def score(split: str, variant: str) -> float | None:
-        values = []
-        for setting in SETTINGS:
-            for test_type, rate in ETA_TESTS:
-                cell = tables[split].get((setting, variant, test_type, rate))
-                if not cell:
-                    return None
-                values.append(statistics.fmean(cell))
-        return statistics.fmean(values)
+    def seeds_of(variant: str) -> set[int] | None:
+        found = [tables["val"].get((setting, variant, t, r)) for setting, t, r in keys]
+        return set.intersection(*(set(f) for f in found)) if all(found) else None
+
+    def score(split: str, variant: str, seeds: list[int]) -> float:
+        cells = [tables[split][(setting, variant, t, r)] for setting, t, r in keys]
+        return statistics.fmean(statistics.fmean(cell[seed] for seed in seeds) for cell in cells)
 
     candidates = sorted({row["variant"] for row in rows if variant_group(row["variant"]) == "method"})
-    ranking = []
-    for variant in candidates:
-        val = score("val", variant)
-        if val is None:
-            continue
-        ranking.append(
-            {
-                "variant": variant,
-                "switches": method_options(variant),
-                "val_score": val,
-                "test_score": score("test", variant),
-            }
-        )
-    ranking.sort(key=lambda r: r["val_score"], reverse=True)
-    if not ranking:
+    seeds = {variant: seeds_of(variant) for variant in candidates}
+    measured = [variant for variant in candidates if seeds[variant]]
+    if not measured:
         return {}
+    shared = sorted(set.intersection(*(seeds[variant] for variant in measured)))
+    if not shared:
+        raise ValueError(
+            f"ablation: the method variants {measured} share no seed; defaults need paired seeds"
+        )
+    ranking = [
+        {
+            "variant": variant,
+            "switches": method_options(variant),
+            "val_score": score("val", variant, shared),
+            "test_score": score("test", variant, shared),
+        }
+        for variant in measured
+    ]
+    ranking.sort(key=lambda r: r["val_score"], reverse=True)
     return {
         "chosen_variant": ranking[0]["variant"],
         "defaults": ranking[0]["switches"],
-        "candidates_missing": [v for v in candidates if v not in {r["variant"] for r in ranking}],
+        "seeds": shared,
+        "candidates_missing": [v for v in candidates if v not in measured],
         "ranking": ranking,
     }
 
@@ -1086,7 +1091,8 @@ def markdown(document: dict) -> str:
     if decisions:
         lines += [
             "**Defaults decided on val**: the best method configuration by mean val accuracy over both "
-            "training settings and text / image / both at 70 % (test: the same average, for reference)",
+            "training settings and text / image / both at 70 %, over the seeds every candidate has "
+            f"({decisions.get('seeds')}) (test: the same average, for reference)",
             "",
             "| rank | variant | " + " | ".join(SWITCH_NAMES) + " | val score | test score |",
             "|---:|---|" + "---|" * len(SWITCH_NAMES) + "---:|---:|",

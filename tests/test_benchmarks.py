@@ -763,6 +763,13 @@ def test_defaults_are_the_best_configuration_on_val():
     assert ranking["detach"]["val_score"] == pytest.approx(0.705)
     assert ranking["method"]["test_score"] == pytest.approx(0.4)
     assert "lambda_0.1" in decision["candidates_missing"]
+    assert decision["seeds"] == [0, 1]
+
+    # A candidate with an extra seed is scored on the shared seeds only: seed 2 would make it win.
+    extra = [r | {"seed": 2, "value": 0.99} for r in rows if r["variant"] == "method" and r["seed"] == 0]
+    again = ablation.decide_defaults(rows + extra)
+    assert again["chosen_variant"] == "detach+target_matched" and again["seeds"] == [0, 1]
+    assert {r["variant"]: r for r in again["ranking"]}["method"]["val_score"] == pytest.approx(0.605)
 
 
 def test_stored_cells_are_reused_only_for_the_same_training():
