@@ -862,11 +862,11 @@ def decide_defaults(rows: list[dict]) -> dict[str, Any]:
     Candidates: every method variant of the run (``lambda_0`` included: if the task-trained
     predictor wins, the VICReg term does not pay), with their switch values spelled out. Score =
     mean over both training settings and the three eta = 70 % test types (text, image, both) of the
-    seed-mean val accuracy, over the seeds every candidate has (paired: a candidate run on more
-    seeds is not compared on other seeds); the test score (same average) is reported next to it,
-    not used. Only configurations with every (setting, test type) take part. Deciding on the best
-    configuration, not switch by switch, respects interactions and only ever picks a setting that
-    was trained.
+    seed-mean val accuracy; the test score (same average) is reported next to it, not used. Paired:
+    the choice is among the candidates that have every seed of the run; one with fewer seeds is
+    scored on its own seeds and ranked after them (``eligible`` false). Only configurations with
+    every (setting, test type) take part. Deciding on the best configuration, not switch by switch,
+    respects interactions and only ever picks a setting that was trained.
     """
     tables = {split: _per_seed(rows, split) for split in ("val", "test")}
     keys = [(setting, test_type, rate) for setting in SETTINGS for test_type, rate in ETA_TESTS]
@@ -884,25 +884,26 @@ def decide_defaults(rows: list[dict]) -> dict[str, Any]:
     measured = [variant for variant in candidates if seeds[variant]]
     if not measured:
         return {}
-    shared = sorted(set.intersection(*(seeds[variant] for variant in measured)))
-    if not shared:
-        raise ValueError(
-            f"ablation: the method variants {measured} share no seed; defaults need paired seeds"
-        )
+    # Paired: the decision is among the candidates with every seed any candidate has; one run on
+    # fewer seeds is scored on its own seeds and shown, but not chosen.
+    all_seeds = set().union(*(seeds[variant] for variant in measured))
     ranking = [
         {
             "variant": variant,
             "switches": method_options(variant),
-            "val_score": score("val", variant, shared),
-            "test_score": score("test", variant, shared),
+            "seeds": sorted(seeds[variant]),
+            "eligible": seeds[variant] == all_seeds,
+            "val_score": score("val", variant, sorted(seeds[variant])),
+            "test_score": score("test", variant, sorted(seeds[variant])),
         }
         for variant in measured
     ]
-    ranking.sort(key=lambda r: r["val_score"], reverse=True)
+    ranking.sort(key=lambda r: (r["eligible"], r["val_score"]), reverse=True)
+    chosen = ranking[0]
     return {
-        "chosen_variant": ranking[0]["variant"],
-        "defaults": ranking[0]["switches"],
-        "seeds": shared,
+        "chosen_variant": chosen["variant"],
+        "defaults": chosen["switches"],
+        "seeds": chosen["seeds"],
         "candidates_missing": [v for v in candidates if v not in measured],
         "ranking": ranking,
     }
@@ -1091,17 +1092,19 @@ def markdown(document: dict) -> str:
     if decisions:
         lines += [
             "**Defaults decided on val**: the best method configuration by mean val accuracy over both "
-            "training settings and text / image / both at 70 %, over the seeds every candidate has "
-            f"({decisions.get('seeds')}) (test: the same average, for reference)",
+            "training settings and text / image / both at 70 %, among the candidates with every seed "
+            f"({decisions.get('seeds')}); the others are scored on their own seeds and ranked after them "
+            "(test: the same average, for reference)",
             "",
-            "| rank | variant | " + " | ".join(SWITCH_NAMES) + " | val score | test score |",
-            "|---:|---|" + "---|" * len(SWITCH_NAMES) + "---:|---:|",
+            "| rank | variant | " + " | ".join(SWITCH_NAMES) + " | seeds | val score | test score |",
+            "|---:|---|" + "---|" * len(SWITCH_NAMES) + "---|---:|---:|",
         ]
         for rank, r in enumerate(decisions["ranking"], 1):
             sw = r["switches"]
             lines.append(
                 f"| {rank} | {r['variant']} | "
                 + " | ".join(str(sw[n]) for n in SWITCH_NAMES)
+                + f" | {r['seeds']}{'' if r['eligible'] else ' (fewer: not chosen)'}"
                 + f" | {r['val_score']:.3f} | {r['test_score']:.3f} |"
             )
         missing = decisions.get("candidates_missing")

@@ -765,11 +765,15 @@ def test_defaults_are_the_best_configuration_on_val():
     assert "lambda_0.1" in decision["candidates_missing"]
     assert decision["seeds"] == [0, 1]
 
-    # A candidate with an extra seed is scored on the shared seeds only: seed 2 would make it win.
-    extra = [r | {"seed": 2, "value": 0.99} for r in rows if r["variant"] == "method" and r["seed"] == 0]
+    # The other candidates lack seed 2 of `method`: they are scored on their seeds and not chosen,
+    # however high they score; `method` is chosen on its three seeds.
+    extra = [r | {"seed": 2} for r in rows if r["variant"] == "method" and r["seed"] == 0]
     again = ablation.decide_defaults(rows + extra)
-    assert again["chosen_variant"] == "detach+target_matched" and again["seeds"] == [0, 1]
-    assert {r["variant"]: r for r in again["ranking"]}["method"]["val_score"] == pytest.approx(0.605)
+    assert again["chosen_variant"] == "method" and again["seeds"] == [0, 1, 2]
+    ranked = {r["variant"]: r for r in again["ranking"]}
+    assert ranked["method"]["val_score"] == pytest.approx((0.6 + 0.61 + 0.6) / 3)
+    assert not ranked["detach+target_matched"]["eligible"] and ranked["detach"]["seeds"] == [0, 1]
+    assert [r["variant"] for r in again["ranking"]][0] == "method"
 
 
 def test_stored_cells_are_reused_only_for_the_same_training():
