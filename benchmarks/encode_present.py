@@ -77,6 +77,32 @@ def step(
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def interleaved_steps(
+    systems: dict[str, UnipairSystem],
+    optimizers: dict[str, torch.optim.Optimizer],
+    batch: dict[str, Any],
+    rounds: int,
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, dict[str, float]]]:
+    """One training step of each system per round, ``rounds`` timed rounds after a warm-up one.
+
+    Returns the (wall, CPU) seconds of every timed step per system, and their medians.
+    """
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in systems}
+    for round_index in range(rounds + 1):
+        for name, system in systems.items():
+            measured = step(system, optimizers[name], batch)
+            if round_index:  # the first round warms up
+                times[name].append(measured)
+    medians = {
+        name: {
+            "wall_s": benchutil.median([w for w, _ in values]),
+            "cpu_s": benchutil.median([c for _, c in values]),
+        }
+        for name, values in times.items()
+    }
+    return times, medians
+
+
 def same_losses(present: UnipairSystem, every: UnipairSystem, batch: dict[str, Any]) -> float:
     """Largest difference of the loss terms in eval mode (no dropout): the two compute the same model."""
     every.load_state_dict(present.state_dict())
@@ -113,19 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for pattern in args.patterns:
             batch = pattern_batch(pattern, args)
             difference = same_losses(systems["present"], systems["every"], batch)
-            times: dict[str, list[tuple[float, float]]] = {name: [] for name in systems}
-            for round_index in range(args.rounds + 1):
-                for name, system in systems.items():
-                    measured = step(system, optimizers[name], batch)
-                    if round_index:  # the first round warms up
-                        times[name].append(measured)
-            medians = {
-                name: {
-                    "wall_s": benchutil.median([w for w, _ in values]),
-                    "cpu_s": benchutil.median([c for _, c in values]),
-                }
-                for name, values in times.items()
-            }
+            times, medians = interleaved_steps(systems, optimizers, batch, args.rounds)
             rows.append(
                 {
                     "strategy": strategy,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks import benchutil
-from benchmarks.encode_present import build, pattern_batch, step
+from benchmarks.encode_present import build, interleaved_steps, pattern_batch
 from lightning_modules.system import UnipairSystem
 
 SETTINGS = ("through", "detach")
@@ -64,19 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         difference = max_loss_difference(systems, batch)
         optimizers = {name: torch.optim.AdamW(s._parameter_groups(), lr=1e-3) for name, s in systems.items()}
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in systems}
-        for round_index in range(args.rounds + 1):
-            for name, system in systems.items():
-                measured = step(system, optimizers[name], batch)
-                if round_index:  # the first round warms up
-                    times[name].append(measured)
-        medians = {
-            name: {
-                "wall_s": benchutil.median([w for w, _ in values]),
-                "cpu_s": benchutil.median([c for _, c in values]),
-            }
-            for name, values in times.items()
-        }
+        times, medians = interleaved_steps(systems, optimizers, batch, args.rounds)
         rows.append(
             {
                 "peft": peft,

@@ -534,19 +534,24 @@ def test_ablation_rows_baselines_oracle_paired_differences_and_resume(tmp_path):
     assert again["rows"] == rows
 
 
+def _accuracy_row(setting, variant, test_type, rate, split, seed, value) -> dict:
+    """One accuracy row of an ablation document."""
+    return {
+        "setting": setting,
+        "variant": variant,
+        "test_type": test_type,
+        "rate": rate,
+        "split": split,
+        "metric": "accuracy",
+        "seed": seed,
+        "value": value,
+    }
+
+
 def test_gap_closed_compares_a_variant_with_the_baseline_and_oracle_of_its_own_seeds():
     values = {"zero_plain": {0: 0.5, 1: 0.7}, "oracle": {0: 0.9, 1: 0.9}, "detach": {0: 0.7}}
     rows = [
-        {
-            "setting": "complete",
-            "variant": variant,
-            "test_type": test_type,
-            "rate": rate,
-            "split": split,
-            "metric": "accuracy",
-            "seed": seed,
-            "value": value,
-        }
+        _accuracy_row("complete", variant, test_type, rate, split, seed, value)
         for variant, by_seed in values.items()
         for seed, value in by_seed.items()
         for test_type, rate in ablation.ETA_TESTS
@@ -737,18 +742,7 @@ def test_defaults_are_the_best_configuration_on_val():
             for test_type, rate in ablation.TEST_SETTINGS:
                 for seed in (0, 1):
                     for split, v in (("val", value + 0.01 * seed), ("test", 1.0 - value)):
-                        rows.append(
-                            {
-                                "setting": setting,
-                                "variant": variant,
-                                "test_type": test_type,
-                                "rate": rate,
-                                "split": split,
-                                "metric": "accuracy",
-                                "seed": seed,
-                                "value": v,
-                            }
-                        )
+                        rows.append(_accuracy_row(setting, variant, test_type, rate, split, seed, v))
     # lambda_0.1 lacks a setting: not a candidate; zero_plain is not a configuration of the method.
     rows = [r for r in rows if not (r["variant"] == "lambda_0.1" and r["setting"] == "complete")]
     decision = ablation.decide_defaults(rows)
