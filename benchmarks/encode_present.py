@@ -104,7 +104,8 @@ def interleaved_steps(
 
 
 def same_losses(present: UnipairSystem, every: UnipairSystem, batch: dict[str, Any]) -> float:
-    """Largest difference of the loss terms in eval mode (no dropout): the two compute the same model."""
+    """Largest difference of the loss terms in eval mode (no dropout), ``every`` given ``present``'s
+    weights: 0 up to rounding when the two compute the same model."""
     every.load_state_dict(present.state_dict())
     with torch.no_grad():
         a, _ = present.eval().compute_losses(batch)

@@ -23,21 +23,10 @@ from typing import Any
 import torch
 
 from benchmarks import benchutil
-from benchmarks.encode_present import build, interleaved_steps, pattern_batch
+from benchmarks.encode_present import build, interleaved_steps, pattern_batch, same_losses
 from lightning_modules.system import UnipairSystem
 
 SETTINGS = ("through", "detach")
-
-
-def max_loss_difference(systems: dict[str, UnipairSystem], batch: dict[str, Any]) -> float:
-    """Largest difference of the loss terms in eval mode between the two settings (same weights)."""
-    systems["detach"].load_state_dict(systems["through"].state_dict())
-    with torch.no_grad():
-        through, _ = systems["through"].eval().compute_losses(batch)
-        detach, _ = systems["detach"].eval().compute_losses(batch)
-    for system in systems.values():
-        system.train()
-    return max(abs(float(through[k]) - float(detach[k])) for k in through)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -62,7 +51,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             for setting in SETTINGS
         }
-        difference = max_loss_difference(systems, batch)
+        difference = same_losses(
+            systems["through"], systems["detach"], batch
+        )  # detach changes gradients only
         optimizers = {name: torch.optim.AdamW(s._parameter_groups(), lr=1e-3) for name, s in systems.items()}
         times, medians = interleaved_steps(systems, optimizers, batch, args.rounds)
         rows.append(
